@@ -1,0 +1,3 @@
+"""shoal: a distributed LLM inference network."""
+
+__version__ = "0.1.0"

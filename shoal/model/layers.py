@@ -1,0 +1,84 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.model.config import ModelConfig
+from shoal.model.kv import AttentionBatch, PagedKVCache
+from shoal.model.rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 as the reference implementations do; bf16 variance loses too much.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+class Attention(nn.Module):
+    """Grouped-query attention reading and writing K/V through a paged cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_size = self.heads * self.head_dim
+        self.kv_size = self.kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+                kv: PagedKVCache, layer: int) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)
+        k = k.view(-1, self.kv_heads, self.head_dim)
+        v = v.view(-1, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        kv.store(layer, batch.slot_mapping, k, v)
+        return self.o_proj(self._attend(q, batch, kv, layer))
+
+    def _attend(self, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, layer: int) -> torch.Tensor:
+        out, start = [], 0
+        for seq in batch.seqs:
+            qi = q[start:start + seq.query_len].transpose(0, 1)
+            ki, vi = (t.transpose(0, 1) for t in kv.gather(layer, seq.context_slots))
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=seq.mask, is_causal=seq.causal,
+                                                enable_gqa=self.heads != self.kv_heads)
+            out.append(oi.transpose(0, 1).reshape(seq.query_len, self.q_size))
+            start += seq.query_len
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+                kv: PagedKVCache, layer: int) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, batch, kv, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,68 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.model.config import ModelConfig
+from shoal.model.kv import AttentionBatch, PagedKVCache
+from shoal.model.layers import DecoderLayer, RMSNorm
+from shoal.model.rope import Rotary
+
+
+class Transformer(nn.Module):
+    """A Llama-family decoder restricted to layers [start, end).
+
+    The first range (start == 0) embeds token ids; the last (end == num_hidden_layers) applies the
+    final norm and owns the LM head. Any other range maps hidden states to hidden states, so a
+    chain of ranges computes exactly what the whole model does.
+    """
+
+    def __init__(self, config: ModelConfig, start: int = 0, end: int | None = None):
+        super().__init__()
+        end = config.num_hidden_layers if end is None else end
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"invalid layer range [{start}, {end}) for a model of {config.num_hidden_layers} layers")
+        self.config, self.start, self.end = config, start, end
+        self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(start, end))
+        if self.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            if not (config.tie_word_embeddings and self.is_first):
+                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: Rotary | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def new_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+        c = self.config
+        return PagedKVCache(self.num_layers, num_blocks, c.num_key_value_heads, c.head_dim,
+                            self.dtype, self.device, block_size)
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache) -> torch.Tensor:
+        """Token ids [T] on the first range, hidden states [T, hidden] otherwise; returns hidden states."""
+        if self.rotary is None:
+            self.rotary = Rotary(self.config, self.device)
+        h = self.embed_tokens(inputs) if self.is_first else inputs.to(self.dtype)
+        rope = self.rotary.cos_sin(batch.positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, batch, kv, i)
+        return self.norm(h) if self.is_last else h
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.is_last:
+            raise ValueError(f"layers [{self.start}, {self.end}) do not include the LM head")
+        head = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
+        return F.linear(hidden, head).float()

@@ -1,0 +1,100 @@
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from shoal.model.config import ModelConfig
+from shoal.model.errors import ModelFileError, WeightShapeError
+from shoal.model.transformer import Transformer
+
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def load_model(path: str | Path, layers: tuple[int, int] | None = None,
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """Load layers [start, end) of an HF checkpoint, reading only the tensors that range needs."""
+    path = Path(path)
+    config = ModelConfig.from_dir(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    start, end = layers or (0, config.num_hidden_layers)
+    with torch.device("meta"):
+        model = Transformer(config, start, end)
+    model.to_empty(device=device).to(dtype)
+    files = weight_files(path)
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        for name, param in model.named_parameters():
+            specs = sources(model, name, param.shape)
+            _copy(param, [_read(stack, handles, files, path, hf) for hf, _ in specs], specs)
+    return model.eval()
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it (sharded or single)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelFileError(f"corrupt safetensors index {index}: {e}") from e
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise ModelFileError(f"missing weights shard {path / shard} (listed in {index.name})")
+        return {name: path / shard for name, shard in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ModelFileError(f"missing weights: neither {single.name} nor {index.name} in {path}")
+    try:
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except Exception as e:
+        raise ModelFileError(f"corrupt safetensors file {single}: {e}") from e
+
+
+def sources(model: Transformer, name: str, shape: torch.Size) -> list[tuple[str, tuple[int, ...]]]:
+    """The HF tensors (name, expected shape) whose concatenation along dim 0 fills parameter `name`."""
+    if name.startswith("layers."):
+        _, local, rest = name.split(".", 2)
+        prefix = f"model.layers.{model.start + int(local)}."
+        module, leaf = rest.rsplit(".", 1)
+        parts = FUSED.get(module, (module,))
+        rows = _split_rows(model.config, module, shape[0])
+        return [(f"{prefix}{part}.{leaf}", (n, *shape[1:])) for part, n in zip(parts, rows, strict=True)]
+    if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        return [("model.embed_tokens.weight", tuple(shape))]
+    return [(name if name.startswith("lm_head") else f"model.{name}", tuple(shape))]
+
+
+def _split_rows(config: ModelConfig, module: str, rows: int) -> list[int]:
+    if module == "self_attn.qkv_proj":
+        kv = config.num_key_value_heads * config.head_dim
+        return [config.num_attention_heads * config.head_dim, kv, kv]
+    if module == "mlp.gate_up_proj":
+        return [config.intermediate_size] * 2
+    return [rows]
+
+
+def _read(stack: ExitStack, handles: dict, files: dict[str, Path], root: Path, name: str) -> torch.Tensor:
+    if name not in files:
+        raise ModelFileError(f"tensor {name} is missing from the checkpoint in {root}")
+    file = files[name]
+    try:
+        if file not in handles:
+            handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+        return handles[file].get_tensor(name)
+    except Exception as e:
+        raise ModelFileError(f"corrupt safetensors file {file} (reading {name}): {e}") from e
+
+
+def _copy(param: torch.nn.Parameter, parts: list[torch.Tensor], specs: list[tuple[str, tuple[int, ...]]]) -> None:
+    for tensor, (name, shape) in zip(parts, specs, strict=True):
+        if tuple(tensor.shape) != shape:
+            raise WeightShapeError(f"tensor {name} has shape {tuple(tensor.shape)} but the config implies {shape}")
+    with torch.no_grad():
+        param.copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
