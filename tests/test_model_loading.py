@@ -56,7 +56,7 @@ def test_missing_config(tmp_path):
 
 def test_missing_weights(llama_dir):
     (llama_dir / "model.safetensors").unlink()
-    with pytest.raises(ModelFileError, match="missing weights: neither model.safetensors nor"):
+    with pytest.raises(ModelFileError, match=r"missing weights: neither model\.safetensors nor"):
         load_model(llama_dir)
 
 
