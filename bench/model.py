@@ -33,7 +33,8 @@ def hf_run(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     cache = transformers.DynamicCache()
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        # logits_to_keep=1, as transformers' own generate does: shoal also projects only the last position
+        out = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
         t1 = time.perf_counter()
         token = out.logits[0, -1].argmax()
         for _ in range(new_tokens):

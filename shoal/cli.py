@@ -53,17 +53,17 @@ def generate(
 ) -> None:
     """Generate one completion and exit."""
     net, tokenizer = _load(model)
+    ids = []
     try:
         prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}]) if use_chat
                       else tokenizer.encode(prompt))
-    except ModelError as e:
+        for token, delta in _stream(net, tokenizer, prompt_ids, max_tokens, temperature, seed):
+            ids.append(token)
+            if not as_json:
+                console.out(delta, end="", highlight=False)
+    except (ModelError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    ids = []
-    for token, delta in _stream(net, tokenizer, prompt_ids, max_tokens, temperature, seed):
-        ids.append(token)
-        if not as_json:
-            console.out(delta, end="", highlight=False)
     if as_json:
         text = tokenizer.decode(ids, skip_special_tokens=True)
         print(json.dumps({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids}))
@@ -79,10 +79,13 @@ def chat(
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
 ) -> None:
-    """Chat with a model in the terminal; replies stream as they are generated. Ctrl-D or /exit quits."""
+    """Chat with a model in the terminal; replies stream as they are generated.
+
+    /reset forgets the conversation; Ctrl-D or /exit quits.
+    """
     net, tokenizer = _load(model)
     messages = [{"role": "system", "content": system}] if system else []
-    console.print(f"[bold]shoal chat[/bold] — {model.name}. Type /exit or press Ctrl-D to quit.")
+    console.print(f"[bold]shoal chat[/bold] — {model.name}. Type /reset to start afresh, /exit or Ctrl-D to quit.")
     while True:
         try:
             text = console.input("[bold green]you>[/bold green] ").strip()
@@ -90,13 +93,20 @@ def chat(
             break
         if text in ("/exit", "/quit"):
             break
+        if text == "/reset":
+            messages = messages[:1] if system else []
+            continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
         console.print("[bold blue]shoal>[/bold blue] ", end="")
         reply = []
-        for _, delta in _stream(net, tokenizer, tokenizer.encode_chat(messages), max_tokens, temperature, seed):
-            console.out(delta, end="", highlight=False)
-            reply.append(delta)
+        try:
+            prompt_ids = tokenizer.encode_chat([*messages, {"role": "user", "content": text}])
+            for _, delta in _stream(net, tokenizer, prompt_ids, max_tokens, temperature, seed):
+                console.out(delta, end="", highlight=False)
+                reply.append(delta)
+        except (ModelError, ValueError) as e:
+            err.print(f"[red]error:[/red] {e}; this message was not added to the conversation (/reset starts afresh)")
+            continue
         console.out("")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]

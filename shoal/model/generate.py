@@ -17,7 +17,11 @@ def generate(model: Transformer, prompt_ids: list[int], max_tokens: int = 32, te
              seed: int | None = None, stop_ids: Iterable[int] = ()) -> Iterator[int]:
     """Yield up to max_tokens new token ids for one sequence; a stop id is yielded, then generation ends."""
     if not prompt_ids:
-        raise ValueError("prompt_ids is empty")
+        raise ValueError("the prompt is empty")
+    limit = model.config.max_position_embeddings
+    if len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {limit} tokens")
+    max_tokens = min(max_tokens, limit - len(prompt_ids))
     stop = set(stop_ids)
     total = len(prompt_ids) + max_tokens
     kv = model.new_cache(num_blocks=-(-total // 16))
