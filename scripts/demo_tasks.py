@@ -55,12 +55,16 @@ PHRASINGS = {
             "What is the difference {a} - {b}?", "Calculate {a}-{b}", "How much is {a} minus {b}?"],
     "capital": ["What is the capital of {country}?", "Capital of {country}?", "Name the capital of {country}.",
                 "Which city is the capital of {country}?", "What's the capital city of {country}?",
-                "Tell me the capital of {country}.", "Do you know the capital of {country}?"],
-    "reverse": ["Reverse the word {w}.", "Reverse {w}", "Write {w} backwards.", "What is {w} spelled backwards?"],
-    "spell": ["Spell {w}.", "How do you spell {w}?", "Spell the word {w} letter by letter."],
+                "Tell me the capital of {country}.", "Please name the capital city of {country}."],
+    "reverse": ["Reverse the word {w}.", "Reverse {w}", "Write {w} backwards.", "What is {w} spelled backwards?",
+                "Please write the word {w} reversed."],
+    "spell": ["Spell {w}.", "How do you spell {w}?", "Spell the word {w} letter by letter.", "Please spell {w}."],
     "count": ["How many letters are in {w}?", "Count the letters in {w}.", "How long is the word {w}?",
-              "How many letters does {w} have?"],
+              "Tell me how many letters are in the word {w}."],
 }
+# Training prompts are sometimes wrapped in these, so that a new phrasing made of known words still works.
+PREFIXES = ["Please", "Quick question:", "Hey,", "Hi!", "Tell me:", "I need help.", "Do you know this?", "OK."]
+SUFFIXES = ["Thanks!", "Please.", "Answer briefly.", "Thank you.", "Do you know?"]
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def makers(held_out: bool, held_out_pairs: bool | None = None) -> dict[str, Call
 
 
 # How often each task is drawn for training: arithmetic is the hardest to learn, greetings the easiest.
-WEIGHTS = {"add": 6, "sub": 8, "capital": 4, "reverse": 2, "spell": 2, "count": 2, "greeting": 1}
+WEIGHTS = {"add": 4, "sub": 10, "capital": 3, "reverse": 1, "spell": 1, "count": 1, "greeting": 1}
 
 
 def conversation(rng: random.Random) -> list[dict[str, str]]:
@@ -158,8 +162,16 @@ def conversation(rng: random.Random) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.2 else []
     for _ in range(rng.choices([1, 2, 3], [6, 3, 1])[0]):
         ex = train[rng.choices(tasks, weights)[0]](rng)
-        messages += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer}]
+        messages += [{"role": "user", "content": _wrap(ex.prompt, rng)}, {"role": "assistant", "content": ex.answer}]
     return messages
+
+
+def _wrap(prompt: str, rng: random.Random) -> str:
+    if rng.random() < 0.15:
+        prompt = f"{rng.choice(PREFIXES)} {prompt}"
+    if rng.random() < 0.15:
+        prompt = f"{prompt} {rng.choice(SUFFIXES)}"
+    return prompt
 
 
 def eval_set(n_per_task: int, seed: int = 1234) -> list[Example]:

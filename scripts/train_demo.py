@@ -1,6 +1,6 @@
 """Build shoal's demo checkpoint: train a BPE tokenizer and a small Llama on the synthetic chat corpus.
 
-Runs on CPU (about 40 minutes on 2 cores) and writes an HF-layout directory that both shoal and
+Runs on CPU (about 40 minutes on 2 idle cores) and writes an HF-layout directory that both shoal and
 transformers load. Usage: python scripts/train_demo.py [--out shoal/model/demo] [--steps N]
 """
 
