@@ -11,7 +11,6 @@ from shoal.model.transformer import Transformer
 
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 
 
@@ -75,8 +74,6 @@ def _split_rows(config: ModelConfig, module: str, rows: int) -> list[int]:
     if module == "self_attn.qkv_proj":
         kv = config.num_key_value_heads * config.head_dim
         return [config.num_attention_heads * config.head_dim, kv, kv]
-    if module == "mlp.gate_up_proj":
-        return [config.intermediate_size] * 2
     return [rows]
 
 
