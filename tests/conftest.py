@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,11 @@ ARCHS = {
 }
 
 
-def make_hf_model(arch: str, seed: int = 0):
+def make_hf_model(arch: str, seed: int = 0, **overrides):
     import transformers
 
     config_cls, model_cls, extra = ARCHS[arch]
-    config = getattr(transformers, config_cls)(**TINY, **extra)
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides}, **extra)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
@@ -46,6 +47,24 @@ def hf_models(tmp_path_factory):
         if arch not in cache:
             model = make_hf_model(arch)
             cache[arch] = model, save_hf_model(model, tmp_path_factory.mktemp(arch))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """arch -> directory of a tiny random model that speaks the demo model's tokenizer."""
+    from shoal.model import DEMO_PATH
+
+    cache = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            path = save_hf_model(make_hf_model(arch, vocab_size=1024), tmp_path_factory.mktemp(f"{arch}-1024"))
+            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                shutil.copy(DEMO_PATH / name, path / name)
+            cache[arch] = path
         return cache[arch]
 
     return get

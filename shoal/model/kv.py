@@ -29,6 +29,12 @@ class PagedKVCache:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
 
+    def copy(self, src_block: int, dst_block: int, n: int) -> None:
+        """Copy the first n slots of one block into another, in every layer."""
+        src, dst = src_block * self.block_size, dst_block * self.block_size
+        self.k[:, dst:dst + n] = self.k[:, src:src + n]
+        self.v[:, dst:dst + n] = self.v[:, src:src + n]
+
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
 

@@ -1,0 +1,292 @@
+import asyncio
+import hashlib
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shoal.engine.blocks import BlockManager
+from shoal.engine.events import Event, RequestStream, Stats
+from shoal.engine.params import EngineError, SamplingParams, StickyBusy
+from shoal.engine.runner import Runner, num_blocks_for
+from shoal.engine.sampler import Sampler
+from shoal.engine.scheduler import Scheduler
+from shoal.engine.sequence import Sequence, State
+from shoal.engine.stream import TextStream, marker_ids
+from shoal.model import Transformer, load_model
+from shoal.model.errors import ModelError
+from shoal.model.kv import BLOCK_SIZE
+from shoal.model.tokenizer import Tokenizer
+
+log = logging.getLogger("shoal.engine")
+Prompt = str | list[dict] | list[int]
+
+
+@dataclass
+class EngineConfig:
+    n_batch: int = 512
+    prefill_chunk_size: int | None = None
+    n_seq_max: int = 16
+    kv_cache_mb: float = 256
+    event_queue_size: int = 64
+    stall_timeout_s: float = 30.0
+
+    @property
+    def chunk(self) -> int:
+        return self.prefill_chunk_size or max(64, self.n_batch // 4)
+
+
+def fingerprint(model: Transformer) -> bytes:
+    """Tells models (and layer ranges, and dtypes) apart, so two never share a prefix-cache key."""
+    h = hashlib.blake2b(json.dumps(vars(model.config), sort_keys=True, default=str).encode(), digest_size=16)
+    h.update(f"{model.start}:{model.end}:{model.dtype}".encode())
+    for name, p in model.state_dict().items():
+        h.update(name.encode() + p.flatten()[:256].float().cpu().numpy().tobytes())
+    return h.digest()
+
+
+class Engine:
+    """Continuous batching for one model: an asyncio API in front of a dedicated model thread."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config or EngineConfig()
+        c = self.config
+        if c.n_batch < c.n_seq_max:
+            raise EngineError(f"n_batch ({c.n_batch}) must be at least n_seq_max ({c.n_seq_max})")
+        num_blocks = num_blocks_for(model, c.kv_cache_mb, BLOCK_SIZE)
+        if num_blocks < 2:
+            raise EngineError(f"kv_cache_mb={c.kv_cache_mb} holds fewer than 2 KV blocks for this model")
+        self.blocks = BlockManager(num_blocks, BLOCK_SIZE, fingerprint(model))
+        self.scheduler = Scheduler(self.blocks, c.n_batch, c.chunk, c.n_seq_max)
+        self.runner = Runner(model, num_blocks, BLOCK_SIZE)
+        self.sampler = Sampler(tokenizer.eos_token_ids)
+        self.markers = marker_ids(tokenizer)
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._requests: dict[str, tuple[Sequence, RequestStream, TextStream]] = {}
+        self._sessions_in_flight: set[str] = set()
+        self._lock = threading.Lock()
+        self._arrivals = 0
+        self._recent: deque[tuple[float, int]] = deque()
+        self._last_hit = {"kind": None, "prefix_len": 0}
+        self._phase = "idle"
+        self._snapshot: dict = {}
+        self._outbox: list[tuple[RequestStream, Event]] = []
+        self._stopped = False
+        self._publish([])
+        self._thread = threading.Thread(target=self._loop, name="shoal-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
+        return cls(load_model(path), Tokenizer.from_dir(path), config)
+
+    @property
+    def context_len(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    # asyncio side ---------------------------------------------------------------------------
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
+               parent_key: str | None = None, priority: int = 0, request_id: str | None = None) -> RequestStream:
+        """Queue a request (from a running event loop) and return its event stream."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError as e:
+            raise EngineError("submit() must be called from a running asyncio event loop") from e
+        params = params or SamplingParams()
+        params.validate(self.tokenizer.vocab_size)
+        ids = self.tokenize(prompt)
+        room = self.context_len - len(ids)
+        if room <= 0:
+            raise EngineError(f"the prompt is {len(ids)} tokens; the model's context is {self.context_len} tokens")
+        capacity = self.blocks.block_size * len(self.blocks.blocks)
+        if len(ids) + min(params.max_tokens, room) > capacity:
+            raise EngineError(f"the prompt and max_tokens need {len(ids) + min(params.max_tokens, room)} tokens of "
+                              f"KV cache; kv_cache_mb={self.config.kv_cache_mb} holds {capacity}")
+        with self._lock:
+            if session_id is not None and session_id in self._sessions_in_flight:
+                raise StickyBusy(f"sticky_busy: session {session_id!r} already has a request in flight")
+            if session_id is not None:
+                self._sessions_in_flight.add(session_id)
+            self._arrivals += 1
+            arrival = self._arrivals
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id or uuid.uuid4().hex, ids, params, torch.Generator().manual_seed(seed),
+                       priority, session_id, parent_key, arrival=arrival)
+        stream = RequestStream(seq.id, ids, loop, self.cancel)
+        text = TextStream(self.tokenizer, params.stop, self.markers)
+        self._commands.put(lambda: self._add(seq, stream, text))
+        return stream
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if not isinstance(prompt, str | list):
+            raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
+        try:
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
+            elif prompt and all(isinstance(m, dict) for m in prompt):
+                ids = self.tokenizer.encode_chat(prompt)
+            elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                ids = list(prompt)
+                bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+                if bad:
+                    raise EngineError(f"prompt token ids outside the vocabulary of {self.tokenizer.vocab_size}: "
+                                      f"{bad[:5]}")
+            else:
+                raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
+        except ModelError as e:
+            raise EngineError(str(e)) from e
+        if not ids:
+            raise EngineError("the prompt is empty")
+        return ids
+
+    def cancel(self, request_id: str) -> None:
+        self._commands.put(lambda: self._finish_id(request_id, "cancelled"))
+
+    def end_session(self, session_id: str) -> None:
+        self._commands.put(lambda: self.scheduler.end_session(session_id))
+
+    def snapshot(self) -> dict:
+        """The engine's state as of its last tick; never waits for the model thread."""
+        return dict(self._snapshot, pending_len=self._snapshot["pending_len"] + self._commands.qsize())
+
+    def close(self) -> None:
+        self._stopped = True
+        self._commands.put(lambda: None)
+        self._thread.join()
+
+    # model thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain(block=not self._requests)
+            self._expire()
+            batch = self.scheduler.schedule()
+            if batch:
+                self._step(batch)
+            self._publish(batch)
+            for stream, event in self._outbox:  # after the snapshot, so a reader never sees it lag an event
+                stream.put(event)
+            self._outbox.clear()
+            if not batch:
+                self._drain(block=True, timeout=0.005)
+
+    def _step(self, batch: list[tuple[Sequence, int]]) -> None:
+        self.runner.copy(self.scheduler.take_copies())
+        try:
+            hidden = self.runner.forward(batch)
+            logits = self.runner.logits(hidden, batch)
+        except Exception as e:
+            log.exception("forward failed")
+            for seq, _ in batch:
+                self._finish(seq, "error", f"forward failed: {e!r}")
+            return
+        self._postprocess(batch, logits)
+
+    def _drain(self, block: bool, timeout: float | None = None) -> None:
+        try:
+            command = self._commands.get(block=block, timeout=timeout)
+            while True:
+                command()
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _add(self, seq: Sequence, stream: RequestStream, text: TextStream) -> None:
+        self._requests[seq.id] = (seq, stream, text)
+        self.scheduler.add(seq)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for seq, stream, _ in list(self._requests.values()):
+            if seq.params.timeout_s and now - seq.times[State.RECEIVED.value] > seq.params.timeout_s:
+                self._finish(seq, "timeout", f"the request ran past timeout_s={seq.params.timeout_s}")
+            elif stream.pending < self.config.event_queue_size:
+                seq.paused_since = None
+            elif seq.paused_since is None:
+                seq.paused_since = now
+            elif now - seq.paused_since > self.config.stall_timeout_s:
+                self._finish(seq, "timeout", f"the client read nothing for {self.config.stall_timeout_s} s")
+
+    def _postprocess(self, batch: list[tuple[Sequence, int]], logits: dict[Sequence, torch.Tensor]) -> None:
+        for seq, n in batch:
+            seq.num_computed += n
+            self.blocks.register(seq)
+            if seq.state != State.ACTIVE:
+                seq.mark(State.ACTIVE)
+                self._last_hit = {"kind": seq.cache_hit_kind, "prefix_len": seq.cached_tokens}
+            if seq in logits:
+                try:
+                    self._append(seq, logits[seq])
+                except Exception as e:
+                    log.exception("sampling failed for %s", seq.id)
+                    self._finish(seq, "error", f"sampling failed: {e!r}")
+
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
+        _, stream, text = self._requests[seq.id]
+        token, logprobs = self.sampler.sample(logits, seq)
+        seq.token_ids.append(token)
+        seq.times.setdefault("FIRST_TOKEN", time.monotonic())
+        self._recent.append((time.monotonic(), 1))
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
+            self._finish(seq, "stop")
+            return
+        events = [Event(kind, t) for kind, t in text.push(token)] or [Event(text.kind)]
+        events[0].token_ids, events[0].logprobs = [token], None if logprobs is None else [logprobs]
+        self._outbox += [(stream, event) for event in events]
+        if text.stopped:
+            self._finish(seq, "stop")
+        elif len(seq.completion_ids) >= p.max_tokens or len(seq) >= self.context_len:
+            self._finish(seq, "length")
+
+    def _finish_id(self, request_id: str, reason: str) -> None:
+        if request_id in self._requests:
+            self._finish(self._requests[request_id][0], reason)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        _, stream, text = self._requests.pop(seq.id)
+        self.scheduler.finish(seq, pin=reason != "error")
+        with self._lock:
+            self._sessions_in_flight.discard(seq.session_id)
+        self._outbox += [(stream, Event(kind, t)) for kind, t in text.flush()]
+        seq.mark(State.FAILED if reason in ("error", "timeout") else State.COMPLETED)
+        self._outbox.append((stream, Event("final", stats=self._stats(seq, reason, error))))
+
+    def _stats(self, seq: Sequence, reason: str, error: str | None) -> Stats:
+        t = seq.times
+        end = t.get(State.COMPLETED.value, t.get(State.FAILED.value))
+        scheduled = t.get(State.SCHEDULED.value, end)
+        first = t.get("FIRST_TOKEN", end)
+        return Stats(seq.id, reason, seq.state.value, seq.num_prompt_tokens, len(seq.completion_ids),
+                     seq.cache_hit_kind, {"read": seq.cached_tokens, "created": seq.created_tokens},
+                     1000 * (scheduled - t[State.RECEIVED.value]), 1000 * (first - scheduled), 1000 * (end - first),
+                     self.blocks.key(seq.token_ids), dict(t), seq.preemptions, error)
+
+    def _publish(self, batch: list[tuple[Sequence, int]]) -> None:
+        now = time.monotonic()
+        while self._recent and now - self._recent[0][0] > 5:
+            self._recent.popleft()
+        span = now - self._recent[0][0] if len(self._recent) > 1 else 0
+        if batch:
+            self._phase = "prefilling" if any(n > 1 for _, n in batch) else "generating"
+        waiting, running = len(self.scheduler.waiting), len(self.scheduler.running)
+        b = self.blocks
+        self._snapshot = {
+            "phase": self._phase if waiting + running else "idle",
+            "pending_len": waiting, "running": running, "queue_depth": waiting + running,
+            "kv_blocks_used": b.num_used, "kv_blocks_free": b.num_free,
+            "prefix_cache_hit_rate": b.hit_tokens / b.queried_tokens if b.queried_tokens else 0.0,
+            "last_cache_hit": dict(self._last_hit),
+            "tokens_per_s": len(self._recent) / span if span else 0.0,
+            "sessions_pinned": len(self.scheduler.sessions),
+        }

@@ -1,0 +1,44 @@
+import torch
+
+from shoal.engine.sequence import Sequence
+from shoal.model.kv import AttentionBatch, PagedKVCache
+from shoal.model.transformer import Transformer
+
+
+def num_blocks_for(model: Transformer, kv_cache_mb: float, block_size: int) -> int:
+    c = model.config
+    per_block = 2 * model.num_layers * block_size * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    return int(kv_cache_mb * 2**20 // per_block)
+
+
+class Runner:
+    """Runs one batched forward over the chunks a tick scheduled, on the model's layer range."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+        self.model = model
+        self.kv: PagedKVCache = model.new_cache(num_blocks, block_size)
+
+    def copy(self, copies: list[tuple[int, int, int]]) -> None:
+        for src, dst, n in copies:
+            self.kv.copy(src, dst, n)
+
+    def forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Hidden states of every token in the batch, sequences concatenated in batch order."""
+        ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed:seq.num_computed + n]]
+        meta = AttentionBatch.build([seq.block_table for seq, _ in batch], [seq.num_computed for seq, _ in batch],
+                                    [n for _, n in batch], self.kv.block_size, self.model.config.sliding_window,
+                                    self.model.device)
+        return self.model(torch.tensor(ids, device=self.model.device), meta, self.kv)
+
+    def logits(self, hidden: torch.Tensor, batch: list[tuple[Sequence, int]]) -> dict[Sequence, torch.Tensor]:
+        """fp32 logits on the CPU for each sequence whose chunk reaches its last token."""
+        rows, seqs, end = [], [], 0
+        for seq, n in batch:
+            end += n
+            if seq.num_computed + n == len(seq):
+                rows.append(end - 1)
+                seqs.append(seq)
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+        return dict(zip(seqs, logits, strict=True))

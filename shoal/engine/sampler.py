@@ -1,0 +1,65 @@
+import torch
+
+from shoal.engine.sequence import Sequence
+
+
+class Sampler:
+    """Turns one sequence's logits into its next token, using only that request's parameters and generator."""
+
+    def __init__(self, eos_token_ids: list[int]):
+        self.eos_token_ids = eos_token_ids
+
+    def sample(self, logits: torch.Tensor, seq: Sequence) -> tuple[int, dict | None]:
+        """The next token id, and with logprobs requested {logprob, top: [(token id, logprob)]}."""
+        x = self.process(logits, seq)
+        p = seq.params
+        if p.temperature == 0:
+            token = int(x.argmax())
+        else:
+            probs = torch.softmax(self.truncate(x / p.temperature, seq), dim=-1)
+            # Gumbel-max with the request's own generator: its randomness never depends on the batch.
+            noise = torch.empty_like(probs).exponential_(generator=seq.generator)
+            token = int((probs / noise).argmax())
+        return token, None if p.logprobs is None else logprobs(logits, token, p.logprobs)
+
+    def process(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """Logit bias, penalties and min_tokens applied to a copy of the logits."""
+        p, x = seq.params, logits.clone()
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+            x[ids] += torch.tensor(list(p.logit_bias.values()), dtype=x.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            vals = x[seen]
+            x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        completion = seq.completion_ids
+        if completion and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = torch.tensor(completion, dtype=torch.long).unique(return_counts=True)
+            x[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(x.dtype)
+        if len(completion) < p.min_tokens:
+            x[torch.tensor(self.eos_token_ids + p.stop_token_ids, dtype=torch.long)] = -float("inf")
+        return x
+
+    @staticmethod
+    def truncate(x: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """top_k, top_p and min_p: logits outside the kept set become -inf."""
+        p = seq.params
+        if p.top_k and p.top_k < x.numel():
+            x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], -float("inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = x.sort(descending=True)
+            cum = sorted_x.softmax(-1).cumsum(-1)
+            drop = cum - sorted_x.softmax(-1) > p.top_p  # keep the smallest set whose mass reaches top_p
+            x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -float("inf"))
+        if p.min_p > 0:
+            probs = x.softmax(-1)
+            x = x.masked_fill(probs < p.min_p * probs.max(), -float("inf"))
+        return x
+
+
+def logprobs(logits: torch.Tensor, token: int, k: int) -> dict:
+    """The model's log-probability of token and of the k most likely alternatives."""
+    lp = torch.log_softmax(logits, dim=-1)
+    top = torch.topk(lp, k) if k else None
+    alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return {"token": token, "logprob": float(lp[token]), "top": alternatives}
