@@ -1,3 +1,4 @@
+import asyncio
 import json
 from pathlib import Path
 from typing import Annotated
@@ -5,11 +6,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from shoal.model import DEMO_PATH, Transformer, load_model
-from shoal.model.detokenize import StreamDecoder
+from shoal.engine import Engine, EngineConfig, EngineError, SamplingParams, Stats
+from shoal.model import DEMO_PATH
 from shoal.model.errors import ModelError
-from shoal.model.generate import generate as generate_ids
-from shoal.model.tokenizer import Tokenizer
 
 app = typer.Typer(help="shoal: a distributed LLM inference network.", no_args_is_help=True)
 console = Console()
@@ -19,26 +18,33 @@ ModelOpt = Annotated[Path, typer.Option("--model", help="HF model directory (def
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most new tokens to generate.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
+KVOpt = Annotated[float, typer.Option("--kv-cache-mb", min=1, help="Memory for the paged KV cache, in MiB.")]
 
 
-def _load(path: Path) -> tuple[Transformer, Tokenizer]:
+def _engine(path: Path, kv_cache_mb: float) -> Engine:
     try:
         with err.status(f"Loading {path} ..."):
-            return load_model(path), Tokenizer.from_dir(path)
-    except ModelError as e:
+            return Engine.from_dir(path, EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=1))
+    except (ModelError, EngineError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
 
 
-def _stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], max_tokens: int,
-            temperature: float, seed: int | None):
-    """Yield (token_id, text_delta) for each generated token, the stop token excluded."""
-    stop = tokenizer.eos_token_ids
-    decoder = StreamDecoder(tokenizer)
-    for token in generate_ids(model, prompt_ids, max_tokens, temperature, seed, stop):
-        if token in stop:
-            return
-        yield token, decoder.push(token)
+async def _stream(engine: Engine, prompt: str | list[dict], params: SamplingParams, echo: bool,
+                  session_id: str | None = None) -> tuple[str, list[int], list[int], Stats]:
+    """Run one request, printing text as it streams when echo; returns (text, ids, prompt ids, stats)."""
+    stream = engine.submit(prompt, params, session_id=session_id)
+    text, ids = [], []
+    async for event in stream:
+        ids += event.token_ids
+        if event.kind == "text":
+            text.append(event.text)
+            if echo:
+                console.out(event.text, end="", highlight=False)
+    assert stream.stats is not None
+    if stream.stats.finish_reason == "error":
+        raise EngineError(stream.stats.error)
+    return "".join(text), ids, stream.prompt_ids, stream.stats
 
 
 @app.command()
@@ -49,24 +55,23 @@ def generate(
     max_tokens: MaxTokensOpt = 64,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print text and token ids as JSON.")] = False,
+    kv_cache_mb: KVOpt = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print text, token ids and stats as JSON.")] = False,
 ) -> None:
     """Generate one completion and exit."""
-    net, tokenizer = _load(model)
-    ids = []
+    engine = _engine(model, kv_cache_mb)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     try:
-        prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}]) if use_chat
-                      else tokenizer.encode(prompt))
-        for token, delta in _stream(net, tokenizer, prompt_ids, max_tokens, temperature, seed):
-            ids.append(token)
-            if not as_json:
-                console.out(delta, end="", highlight=False)
-    except (ModelError, ValueError) as e:
+        text, ids, prompt_ids, stats = asyncio.run(
+            _stream(engine, [{"role": "user", "content": prompt}] if use_chat else prompt, params, not as_json))
+    except EngineError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    finally:
+        engine.close()
     if as_json:
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        print(json.dumps({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids}))
+        print(json.dumps({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids,
+                          "finish_reason": stats.finish_reason}))
     else:
         console.out("")
 
@@ -78,12 +83,14 @@ def chat(
     max_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
+    kv_cache_mb: KVOpt = 64,
 ) -> None:
     """Chat with a model in the terminal; replies stream as they are generated.
 
     /reset forgets the conversation; Ctrl-D or /exit quits.
     """
-    net, tokenizer = _load(model)
+    engine = _engine(model, kv_cache_mb)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     messages = [{"role": "system", "content": system}] if system else []
     console.print(f"[bold]shoal chat[/bold] — {model.name}. Type /reset to start afresh, /exit or Ctrl-D to quit.")
     while True:
@@ -95,18 +102,17 @@ def chat(
             break
         if text == "/reset":
             messages = messages[:1] if system else []
+            engine.end_session("chat")
             continue
         if not text:
             continue
         console.print("[bold blue]shoal>[/bold blue] ", end="")
-        reply = []
+        turn = [*messages, {"role": "user", "content": text}]
         try:
-            prompt_ids = tokenizer.encode_chat([*messages, {"role": "user", "content": text}])
-            for _, delta in _stream(net, tokenizer, prompt_ids, max_tokens, temperature, seed):
-                console.out(delta, end="", highlight=False)
-                reply.append(delta)
-        except (ModelError, ValueError) as e:
+            reply, *_ = asyncio.run(_stream(engine, turn, params, echo=True, session_id="chat"))
+        except EngineError as e:
             err.print(f"[red]error:[/red] {e}; this message was not added to the conversation (/reset starts afresh)")
             continue
         console.out("")
-        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
+        messages = [*turn, {"role": "assistant", "content": reply}]
+    engine.close()

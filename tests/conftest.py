@@ -59,12 +59,13 @@ def tiny_model_dir(tmp_path_factory):
 
     cache = {}
 
-    def get(arch: str) -> Path:
-        if arch not in cache:
-            path = save_hf_model(make_hf_model(arch, vocab_size=1024), tmp_path_factory.mktemp(f"{arch}-1024"))
+    def get(arch: str, vocab_size: int = 1024) -> Path:
+        if (arch, vocab_size) not in cache:
+            model = make_hf_model(arch, vocab_size=vocab_size)
+            path = save_hf_model(model, tmp_path_factory.mktemp(f"{arch}-{vocab_size}"))
             for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
                 shutil.copy(DEMO_PATH / name, path / name)
-            cache[arch] = path
-        return cache[arch]
+            cache[arch, vocab_size] = path
+        return cache[arch, vocab_size]
 
     return get

@@ -109,6 +109,48 @@ def test_session_continues_in_place_then_diverges(make_engine):
     assert engine.snapshot()["sessions_pinned"] == 0 and engine.snapshot()["kv_blocks_used"] == 0
 
 
+def test_a_chat_session_continues_its_conversation_in_place(make_engine):
+    engine = make_engine()
+    turn = chat("What is 12 + 30?")
+
+    async def go():
+        first = await engine.submit(turn, GREEDY, session_id="c").result()
+        follow = [*turn, {"role": "assistant", "content": first[0]}, *chat("Capital of Peru?")]
+        return first, await engine.submit(follow, GREEDY, session_id="c").result()
+
+    first, second = run(go())
+    assert (second[0], second[2].cache_hit_kind) == ("The capital of Peru is Lima.", "sticky")
+    assert second[2].cache_delta["read"] == first[2].prompt_tokens + first[2].completion_tokens - 1
+
+
+def test_thinking_and_tool_calls_stream_as_their_own_events(tiny_model_dir):
+    from tokenizers import AddedToken
+
+    from shoal.model import load_model
+    from shoal.model.tokenizer import Tokenizer
+
+    path = tiny_model_dir("qwen2", vocab_size=1040)
+    tok = Tokenizer.from_dir(path)
+    tok.backend.add_special_tokens([AddedToken(t, special=False) for t in
+                                    ("<think>", "</think>", "<tool_call>", "</tool_call>")])
+    engine = Engine(load_model(path), tok)
+    script = iter(tok.encode('<think>hmm</think>Done.<tool_call>{"name": "f"}</tool_call>'))
+    engine.sampler.sample = lambda logits, seq: (next(script), None)
+
+    async def go():
+        stream = engine.submit([5, 6], SamplingParams(max_tokens=len(tok.encode(
+            '<think>hmm</think>Done.<tool_call>{"name": "f"}</tool_call>'))))
+        return [(e.kind, e.text) async for e in stream if e.text]
+
+    try:
+        events = run(go())
+    finally:
+        engine.close()
+    assert ("tool_call", '{"name": "f"}') in events
+    assert "".join(t for k, t in events if k == "thinking") == "hmm"
+    assert "".join(t for k, t in events if k == "text") == "Done."
+
+
 def test_sticky_busy(make_engine):
     engine = make_engine()
 

@@ -120,7 +120,7 @@ class Engine:
             self._arrivals += 1
             arrival = self._arrivals
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = Sequence(request_id or uuid.uuid4().hex, ids, params, torch.Generator().manual_seed(seed),
+        seq = Sequence(request_id or uuid.uuid4().hex, list(ids), params, torch.Generator().manual_seed(seed),
                        priority, session_id, parent_key, arrival=arrival)
         stream = RequestStream(seq.id, ids, loop, self.cancel)
         text = TextStream(self.tokenizer, params.stop, self.markers)

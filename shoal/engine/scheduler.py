@@ -1,4 +1,5 @@
 import heapq
+import itertools
 from collections import OrderedDict
 
 from shoal.engine.blocks import BlockManager
@@ -16,19 +17,20 @@ class Scheduler:
 
     def __init__(self, blocks: BlockManager, n_batch: int, chunk: int, n_seq_max: int):
         self.blocks, self.n_batch, self.chunk, self.n_seq_max = blocks, n_batch, chunk, n_seq_max
-        self.waiting: list[tuple[int, int, Sequence]] = []
+        self.waiting: list[tuple[int, int, int, Sequence]] = []
+        self._ties = itertools.count()
         self.running: list[Sequence] = []
         self.sessions: OrderedDict[str, Sequence] = OrderedDict()
         self.copies: list[tuple[int, int, int]] = []
 
     def add(self, seq: Sequence) -> None:
-        heapq.heappush(self.waiting, (seq.priority, seq.arrival, seq))
+        heapq.heappush(self.waiting, (seq.priority, seq.arrival, next(self._ties), seq))
         seq.mark(State.QUEUED)
 
     def finish(self, seq: Sequence, pin: bool) -> None:
         """Take seq out of the queue or the batch; with pin, a session's sequence keeps its blocks."""
         if seq not in self.running:
-            self.waiting = [w for w in self.waiting if w[2] is not seq]
+            self.waiting = [w for w in self.waiting if w[-1] is not seq]
             heapq.heapify(self.waiting)
             return
         self.running.remove(seq)
@@ -50,7 +52,7 @@ class Scheduler:
                 batch[seq] = n
                 budget -= n
         while self.waiting and budget and len(self.running) < self.n_seq_max:
-            seq, copies = self.waiting[0][2], len(self.copies)
+            seq, copies = self.waiting[0][-1], len(self.copies)
             self._admit(seq)
             n = min(seq.num_pending, self.chunk, budget)
             if not self._reclaim(seq, n):
