@@ -103,7 +103,7 @@ class Engine:
         except RuntimeError as e:
             raise EngineError("submit() must be called from a running asyncio event loop") from e
         params = params or SamplingParams()
-        params.validate(self.tokenizer.vocab_size)
+        params.validate(self.model.config.vocab_size)
         ids = self.tokenize(prompt)
         room = self.context_len - len(ids)
         if room <= 0:
@@ -137,10 +137,10 @@ class Engine:
                 ids = self.tokenizer.encode_chat(prompt)
             elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 ids = list(prompt)
-                bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+                vocab = self.model.config.vocab_size
+                bad = [t for t in ids if not 0 <= t < vocab]
                 if bad:
-                    raise EngineError(f"prompt token ids outside the vocabulary of {self.tokenizer.vocab_size}: "
-                                      f"{bad[:5]}")
+                    raise EngineError(f"prompt token ids outside the vocabulary of {vocab}: {bad[:5]}")
             else:
                 raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
         except ModelError as e:
