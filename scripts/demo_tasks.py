@@ -63,7 +63,8 @@ PHRASINGS = {
               "Tell me how many letters are in the word {w}."],
 }
 # Training prompts are sometimes wrapped in these, so that a new phrasing made of known words still works.
-PREFIXES = ["Please", "Quick question:", "Hey,", "Hi!", "Tell me:", "I need help.", "Do you know this?", "OK."]
+PREFIXES = ["Please", "Quick question:", "Hey,", "Hi!", "Tell me:", "I need help.", "Do you know this?", "OK.",
+            "Thanks so much."]
 SUFFIXES = ["Thanks!", "Please.", "Answer briefly.", "Thank you.", "Do you know?"]
 
 
@@ -152,7 +153,7 @@ def makers(held_out: bool, held_out_pairs: bool | None = None) -> dict[str, Call
 
 
 # How often each task is drawn for training: arithmetic is the hardest to learn, greetings the easiest.
-WEIGHTS = {"add": 4, "sub": 10, "capital": 3, "reverse": 1, "spell": 1, "count": 1, "greeting": 1}
+WEIGHTS = {"add": 6, "sub": 10, "capital": 3, "reverse": 1, "spell": 1, "count": 1, "greeting": 1}
 
 
 def conversation(rng: random.Random) -> list[dict[str, str]]:

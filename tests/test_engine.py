@@ -151,6 +151,31 @@ def test_thinking_and_tool_calls_stream_as_their_own_events(tiny_model_dir):
     assert "".join(t for k, t in events if k == "text") == "Done."
 
 
+def test_ending_a_session_in_flight_releases_it_when_the_request_ends(make_engine):
+    engine = make_engine()
+
+    async def go():
+        stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True), session_id="s")
+        engine.end_session("s")
+        await stream.result()
+
+    run(go())
+    assert engine.snapshot()["sessions_pinned"] == 0 and engine.snapshot()["kv_blocks_used"] == 0
+
+
+def test_closing_the_engine_cancels_requests_in_flight(make_engine):
+    engine = make_engine()
+
+    async def go():
+        stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True))
+        await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        return await stream.result()
+
+    stats = run(go())[2]
+    assert (stats.finish_reason, stats.error) == ("cancelled", "the engine was closed")
+
+
 def test_sticky_busy(make_engine):
     engine = make_engine()
 
@@ -230,6 +255,13 @@ def test_a_stalled_consumer_stalls_only_its_own_request(make_engine):
     _, ids, stats = run(go())
     assert (stats.finish_reason, stats.state) == ("timeout", "FAILED")
     assert len(ids) <= 5
+
+
+def test_a_request_past_its_timeout_ends_with_timeout(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=450, ignore_eos=True, timeout_s=0.1)
+    _, ids, stats = run(alone(engine, [[1, 2, 3]], params))[0]
+    assert (stats.finish_reason, stats.state) == ("timeout", "FAILED") and 0 < len(ids) < 450
 
 
 def test_a_sampling_error_fails_only_its_request(make_engine):

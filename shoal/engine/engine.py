@@ -73,6 +73,7 @@ class Engine:
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._requests: dict[str, tuple[Sequence, RequestStream, TextStream]] = {}
         self._sessions_in_flight: set[str] = set()
+        self._ended_sessions: set[str] = set()
         self._lock = threading.Lock()
         self._arrivals = 0
         self._recent: deque[tuple[float, int]] = deque()
@@ -153,16 +154,18 @@ class Engine:
         self._commands.put(lambda: self._finish_id(request_id, "cancelled"))
 
     def end_session(self, session_id: str) -> None:
-        self._commands.put(lambda: self.scheduler.end_session(session_id))
+        """Release the session's pinned sequence; a request of it still in flight will not pin again."""
+        self._commands.put(lambda: self._end_session(session_id))
 
     def snapshot(self) -> dict:
         """The engine's state as of its last tick; never waits for the model thread."""
         return dict(self._snapshot, pending_len=self._snapshot["pending_len"] + self._commands.qsize())
 
     def close(self) -> None:
-        self._stopped = True
-        self._commands.put(lambda: None)
-        self._thread.join()
+        """Stop the model thread; requests still in flight end with `cancelled`."""
+        if self._thread.is_alive():
+            self._commands.put(self._shutdown)
+            self._thread.join()
 
     # model thread ---------------------------------------------------------------------------
 
@@ -200,6 +203,16 @@ class Engine:
                 command = self._commands.get_nowait()
         except queue.Empty:
             pass
+
+    def _shutdown(self) -> None:
+        for seq, _, _ in list(self._requests.values()):
+            self._finish(seq, "cancelled", "the engine was closed")
+        self._stopped = True
+
+    def _end_session(self, session_id: str) -> None:
+        self.scheduler.end_session(session_id)
+        if any(seq.session_id == session_id for seq, _, _ in self._requests.values()):
+            self._ended_sessions.add(session_id)
 
     def _add(self, seq: Sequence, stream: RequestStream, text: TextStream) -> None:
         self._requests[seq.id] = (seq, stream, text)
@@ -255,7 +268,9 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         _, stream, text = self._requests.pop(seq.id)
-        self.scheduler.finish(seq, pin=reason != "error")
+        ended = seq.session_id in self._ended_sessions
+        self._ended_sessions.discard(seq.session_id)
+        self.scheduler.finish(seq, pin=reason != "error" and not ended)
         with self._lock:
             self._sessions_in_flight.discard(seq.session_id)
         self._outbox += [(stream, Event(kind, t)) for kind, t in text.flush()]
