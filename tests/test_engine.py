@@ -88,6 +88,22 @@ def test_cache_hit_kinds(make_engine):
     assert engine.snapshot()["last_cache_hit"] == {"kind": "cold", "prefix_len": 0}
 
 
+def test_parent_key_must_name_a_context_the_prompt_extends(make_engine):
+    engine = make_engine()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def go():
+        _, ids, first = await engine.submit(list(range(40, 80)), params).result()
+        context = [*range(40, 80), *ids]
+        _, _, follow = await engine.submit([*context, 1, 2], params, parent_key=first.finish_key).result()
+        with pytest.raises(EngineError, match="parent_key"):
+            engine.submit([*range(41, 80), 1, 2], params, parent_key=first.finish_key)
+        return follow
+
+    follow = run(go())
+    assert follow.cache_hit_kind == "partial" and follow.cache_delta["read"] >= 32
+
+
 def test_session_continues_in_place_then_diverges(make_engine):
     engine = make_engine()
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

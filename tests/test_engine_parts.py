@@ -57,7 +57,8 @@ def test_a_free_block_keeps_its_content_until_evicted_least_recently_freed_first
 
 def test_keys_depend_on_the_model_fingerprint():
     a, b = BlockManager(4, 4, b"a" * 16), BlockManager(4, 4, b"b" * 16)
-    assert a.key([1, 2, 3]) != b.key([1, 2, 3]) and a.key([1, 2, 3]) == a.key([1, 2, 3])
+    assert a.keys([1, 2, 3]) != b.keys([1, 2, 3]) and a.keys([1, 2, 3]) == a.keys([1, 2, 3])
+    assert a.keys([1, 2, 3, 4, 5])[:3] == a.keys([1, 2, 3])
 
 
 def test_a_tick_takes_decodes_first_then_prefill_chunks_under_the_budget():

@@ -145,9 +145,10 @@ class BlockManager:
                     self.free_ids.move_to_end(block_id, last=False)
         seq.block_table, seq.num_computed, seq.num_registered, seq.chain = [], 0, 0, self.root
 
-    def key(self, tokens: list[int]) -> str:
-        """The prefix-cache key of a whole token sequence (the key its last token is registered under)."""
-        parent = self.root
+    def keys(self, tokens: list[int]) -> list[str]:
+        """The prefix-cache key of tokens[:1], tokens[:2], ... (a finished context's key is its last)."""
+        parent, keys = self.root, []
         for start in range(0, len(tokens), self.block_size):
-            parent = prefix_keys(parent, tokens[start:start + self.block_size])[-1]
-        return parent.hex()
+            keys += prefix_keys(parent, tokens[start:start + self.block_size])
+            parent = keys[-1]
+        return [k.hex() for k in keys]

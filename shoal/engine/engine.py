@@ -113,6 +113,8 @@ class Engine:
         if len(ids) + min(params.max_tokens, room) > capacity:
             raise EngineError(f"the prompt and max_tokens need {len(ids) + min(params.max_tokens, room)} tokens of "
                               f"KV cache; kv_cache_mb={self.config.kv_cache_mb} holds {capacity}")
+        if parent_key is not None and parent_key not in self.blocks.keys(ids[:-1]):
+            raise EngineError(f"parent_key {parent_key!r} is not the key of a context this prompt extends")
         with self._lock:
             if session_id is not None and session_id in self._sessions_in_flight:
                 raise StickyBusy(f"sticky_busy: session {session_id!r} already has a request in flight")
@@ -122,7 +124,7 @@ class Engine:
             arrival = self._arrivals
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(request_id or uuid.uuid4().hex, list(ids), params, torch.Generator().manual_seed(seed),
-                       priority, session_id, parent_key, arrival=arrival)
+                       priority, session_id, arrival=arrival)
         stream = RequestStream(seq.id, ids, loop, self.cancel)
         text = TextStream(self.tokenizer, params.stop, self.markers)
         self._commands.put(lambda: self._add(seq, stream, text))
@@ -285,7 +287,7 @@ class Engine:
         return Stats(seq.id, reason, seq.state.value, seq.num_prompt_tokens, len(seq.completion_ids),
                      seq.cache_hit_kind, {"read": seq.cached_tokens, "created": seq.created_tokens},
                      1000 * (scheduled - t[State.RECEIVED.value]), 1000 * (first - scheduled), 1000 * (end - first),
-                     self.blocks.key(seq.token_ids), dict(t), seq.preemptions, error)
+                     self.blocks.keys(seq.token_ids)[-1], dict(t), seq.preemptions, error)
 
     def _publish(self, batch: list[tuple[Sequence, int]]) -> None:
         now = time.monotonic()

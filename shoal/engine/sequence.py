@@ -31,7 +31,6 @@ class Sequence:
     generator: torch.Generator
     priority: int = 0
     session_id: str | None = None
-    parent_key: str | None = None
     num_prompt_tokens: int = 0
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
