@@ -15,7 +15,8 @@ console = Console()
 err = Console(stderr=True)
 
 ModelOpt = Annotated[Path, typer.Option("--model", help="HF model directory (default: the shipped demo model).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most new tokens to generate.")]
+MaxTokensOpt = Annotated[int | None, typer.Option(
+    "--max-tokens", min=1, help="Most new tokens to generate (default: until the context is full).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
 KVOpt = Annotated[float, typer.Option("--kv-cache-mb", min=1, help="Memory for the paged KV cache, in MiB.")]
@@ -80,7 +81,7 @@ def generate(
 def chat(
     model: ModelOpt = DEMO_PATH,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
-    max_tokens: MaxTokensOpt = 256,
+    max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
     kv_cache_mb: KVOpt = 64,

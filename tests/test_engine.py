@@ -241,7 +241,7 @@ def test_cancel_frees_blocks(make_engine):
     engine = make_engine()
 
     async def go():
-        stream = engine.submit(list(range(10, 90)), SamplingParams(max_tokens=500, ignore_eos=True))
+        stream = engine.submit(list(range(10, 90)), SamplingParams(max_tokens=400, ignore_eos=True))
         async for event in stream:
             if event.token_ids:
                 assert engine.snapshot()["kv_blocks_used"] > 0
@@ -251,7 +251,7 @@ def test_cancel_frees_blocks(make_engine):
 
     _, _, stats = run(go())
     assert (stats.finish_reason, stats.state) == ("cancelled", "COMPLETED")
-    assert stats.completion_tokens < 500 and engine.snapshot()["kv_blocks_used"] == 0
+    assert stats.completion_tokens < 400 and engine.snapshot()["kv_blocks_used"] == 0
 
 
 def test_a_stalled_consumer_stalls_only_its_own_request(make_engine):
@@ -364,7 +364,7 @@ def test_bad_requests_get_clear_errors(make_engine):
 
     async def go():
         cases = [("", None, "empty"), ([], None, "empty"), ([5, 99999], None, "outside the vocabulary"),
-                 ([1] * 5000, None, "context"), ([1, 2], SamplingParams(temperature=-1), "temperature"),
+                 ([1] * 5000, None, "context"), ([1] * 400, SamplingParams(max_tokens=200), "context of 512"), ([1, 2], SamplingParams(temperature=-1), "temperature"),
                  ([1, 2], SamplingParams(top_p=0), "top_p"), ([1, 2], SamplingParams(stop=[""]), "stop"),
                  ([1, 2], SamplingParams(logit_bias={5000: 1.0}), "logit_bias"),
                  ([1, 2], SamplingParams(max_tokens=500), "kv_cache_mb"), (42, None, "a prompt is")]

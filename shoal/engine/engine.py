@@ -9,7 +9,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -109,10 +109,15 @@ class Engine:
         room = self.context_len - len(ids)
         if room <= 0:
             raise EngineError(f"the prompt is {len(ids)} tokens; the model's context is {self.context_len} tokens")
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=room)
+        elif params.max_tokens > room:
+            raise EngineError(f"the prompt is {len(ids)} tokens and max_tokens is {params.max_tokens}: more than the "
+                              f"model's context of {self.context_len} tokens")
         capacity = self.blocks.block_size * len(self.blocks.blocks)
-        if len(ids) + min(params.max_tokens, room) > capacity:
-            raise EngineError(f"the prompt and max_tokens need {len(ids) + min(params.max_tokens, room)} tokens of "
-                              f"KV cache; kv_cache_mb={self.config.kv_cache_mb} holds {capacity}")
+        if len(ids) + params.max_tokens > capacity:
+            raise EngineError(f"the prompt and max_tokens need {len(ids) + params.max_tokens} tokens of KV cache; "
+                              f"kv_cache_mb={self.config.kv_cache_mb} holds {capacity}")
         if parent_key is not None and parent_key not in self.blocks.keys(ids[:-1]):
             raise EngineError(f"parent_key {parent_key!r} is not the key of a context this prompt extends")
         with self._lock:

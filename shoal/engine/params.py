@@ -13,7 +13,7 @@ class StickyBusy(EngineError):
 class SamplingParams:
     """How one request samples; every field applies to that request alone."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: until the context is full
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
@@ -32,8 +32,8 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         checks = [
-            (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
-            (0 <= self.min_tokens <= self.max_tokens,
+            (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
              f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 is off), got {self.top_k}"),
