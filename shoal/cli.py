@@ -1,11 +1,14 @@
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from shoal.client import ClientError, RemoteChat
+from shoal.coordinator.admission import AuthError, Limits
 from shoal.engine import Engine, EngineConfig, EngineError, SamplingParams, Stats
 from shoal.model import DEMO_PATH
 from shoal.model.errors import ModelError
@@ -80,6 +83,8 @@ def generate(
 @app.command()
 def chat(
     model: ModelOpt = DEMO_PATH,
+    url: Annotated[str | None, typer.Option("--url", help="Talk to a running `shoal serve` at this URL.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="SHOAL_API_KEY", help="Key for --url.")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = 0.0,
@@ -90,10 +95,31 @@ def chat(
 
     /reset forgets the conversation; Ctrl-D or /exit quits.
     """
-    engine = _engine(model, kv_cache_mb)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    session = uuid.uuid4().hex
+    if url:
+        remote = RemoteChat(url, api_key)
+        try:
+            name = remote.models()[0]
+        except (ClientError, IndexError) as e:
+            err.print(f"[red]error:[/red] {e or 'the server serves no model'}")
+            raise typer.Exit(2) from e
+        params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+
+        def say(turn: list[dict]) -> str:
+            parts = []
+            for delta in remote.stream(name, turn, session_id=session, **params):
+                console.out(delta, end="", highlight=False)
+                parts.append(delta)
+            return "".join(parts)
+    else:
+        engine, name = _engine(model, kv_cache_mb), model.name
+        local = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+
+        def say(turn: list[dict]) -> str:
+            return asyncio.run(_stream(engine, turn, local, echo=True, session_id=session))[0]
+
     messages = [{"role": "system", "content": system}] if system else []
-    console.print(f"[bold]shoal chat[/bold] — {model.name}. Type /reset to start afresh, /exit or Ctrl-D to quit.")
+    console.print(f"[bold]shoal chat[/bold] — {name}. Type /reset to start afresh, /exit or Ctrl-D to quit.")
     while True:
         try:
             text = console.input("[bold green]you>[/bold green] ").strip()
@@ -102,18 +128,49 @@ def chat(
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
-            messages = messages[:1] if system else []
-            engine.end_session("chat")
+            messages, session = messages[:1] if system else [], uuid.uuid4().hex
             continue
         if not text:
             continue
         console.print("[bold blue]shoal>[/bold blue] ", end="")
         turn = [*messages, {"role": "user", "content": text}]
         try:
-            reply, *_ = asyncio.run(_stream(engine, turn, params, echo=True, session_id="chat"))
-        except EngineError as e:
+            reply = say(turn)
+        except (EngineError, ClientError) as e:
             err.print(f"[red]error:[/red] {e}; this message was not added to the conversation (/reset starts afresh)")
             continue
         console.out("")
         messages = [*turn, {"role": "assistant", "content": reply}]
-    engine.close()
+    if not url:
+        engine.close()
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEMO_PATH,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="Name clients use (default: the directory "
+                                                                         "name).")] = None,
+    host: Annotated[str, typer.Option("--host", envvar="SHOAL_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", envvar="SHOAL_PORT", min=1, max=65535)] = 8000,
+    kv_cache_mb: KVOpt = 256,
+    n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Require this key (repeatable).")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="Required keys, one a line.")] = None,
+    rpm: Annotated[float, typer.Option("--rpm", help="Requests a minute per client (0: no limit).")] = 60,
+    streams: Annotated[int, typer.Option("--streams", help="Concurrent streams per client (0: no limit).")] = 4,
+    tpm: Annotated[float, typer.Option("--tpm", help="Tokens a minute per client (0: no limit).")] = 40_000,
+    private: Annotated[bool, typer.Option("--private", envvar="SHOAL_PRIVATE",
+                                          help="No prompt text in logs, no access log, nothing written to disk.")]
+    = False,
+) -> None:
+    """Serve the OpenAI-compatible API and the web chat page at http://HOST:PORT/."""
+    from shoal.serve import ServeSettings
+    from shoal.serve import serve as run_server
+
+    settings = ServeSettings(model, model_name, host, port, EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb),
+                             Limits(rpm, streams, tpm), api_key or [], api_keys_file, private)
+    try:
+        run_server(settings)
+    except (ModelError, EngineError, AuthError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e

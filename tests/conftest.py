@@ -1,4 +1,8 @@
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +73,40 @@ def tiny_model_dir(tmp_path_factory):
         return cache[arch, vocab_size]
 
     return get
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str) -> tuple[str, subprocess.Popen]:
+    """A real `shoal serve` subprocess on a free port; returns its URL once /health answers."""
+    import httpx
+
+    port = free_port()
+    shoal = str(Path(sys.executable).with_name("shoal"))
+    proc = subprocess.Popen([shoal, "serve", "--port", str(port), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"shoal serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).json()["status"] == "ok":
+                return url, proc
+        except (httpx.HTTPError, ValueError):
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("shoal serve did not come up in 60 s")
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    """`shoal serve` on the demo model with fair-use limits off."""
+    url, proc = start_server("--rpm", "0", "--streams", "0", "--tpm", "0")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -364,7 +364,9 @@ def test_bad_requests_get_clear_errors(make_engine):
 
     async def go():
         cases = [("", None, "empty"), ([], None, "empty"), ([5, 99999], None, "outside the vocabulary"),
-                 ([1] * 5000, None, "context"), ([1] * 400, SamplingParams(max_tokens=200), "context of 512"), ([1, 2], SamplingParams(temperature=-1), "temperature"),
+                 ([1] * 5000, None, "context"),
+                 ([1] * 400, SamplingParams(max_tokens=200), "context of 512"),
+                 ([1, 2], SamplingParams(temperature=-1), "temperature"),
                  ([1, 2], SamplingParams(top_p=0), "top_p"), ([1, 2], SamplingParams(stop=[""]), "stop"),
                  ([1, 2], SamplingParams(logit_bias={5000: 1.0}), "logit_bias"),
                  ([1, 2], SamplingParams(max_tokens=500), "kv_cache_mb"), (42, None, "a prompt is")]

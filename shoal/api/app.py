@@ -1,0 +1,62 @@
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request, Response
+
+from shoal import __version__
+from shoal.api import errors, openai, web
+from shoal.api.errors import APIError
+from shoal.api.metrics import Metrics
+from shoal.coordinator.admission import Admission, ApiKeys, AuthError, Limits, RateLimited, Ticket, TooLarge, client_key
+from shoal.coordinator.coordinator import Coordinator
+
+
+@dataclass
+class Server:
+    """Everything a request handler needs, held by the app."""
+
+    coordinator: Coordinator
+    admission: Admission = field(default_factory=lambda: Admission(Limits()))
+    keys: ApiKeys = field(default_factory=lambda: ApiKeys(set()))
+    metrics: Metrics = field(default_factory=Metrics)
+    private: bool = False
+
+    def authorize(self, request: Request) -> str | None:
+        """The caller's API key; raises APIError 401 when keys are required and this one is not valid."""
+        try:
+            return self.keys.check(request.headers.get("authorization"))
+        except AuthError as e:
+            raise APIError(401, str(e), code="invalid_api_key") from e
+
+    def admit(self, request: Request, tokens: int) -> Ticket:
+        """Check the API key and fair use; raises APIError 400, 401 or 429."""
+        key = self.authorize(request)
+        try:
+            return self.admission.admit(client_key(request.client.host if request.client else None, key), tokens)
+        except TooLarge as e:
+            raise APIError(400, str(e), "max_tokens", "too_many_tokens") from e
+        except RateLimited as e:
+            self.metrics.rate_limited.labels(e.limit).inc()
+            raise APIError(429, str(e), code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from e
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="shoal", version=__version__,
+                  description="A distributed LLM inference network: OpenAI-compatible API and a web chat page.")
+    app.state.server = server
+    errors.install(app)
+    app.include_router(openai.router)
+    app.include_router(web.router)
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict:
+        models = server.coordinator.catalog.models()
+        return {"status": "ok" if any(m["workers"] for m in models.values()) else "no_workers",
+                "models": sorted(models), "time": time.time()}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics() -> Response:
+        return Response(server.metrics.render(server.coordinator), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,13 @@
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+router = APIRouter(include_in_schema=False)
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+@router.get("/", response_class=HTMLResponse)
+async def index() -> HTMLResponse:
+    """The chat page: one self-contained file; the conversation lives in the browser only."""
+    return HTMLResponse(PAGE.read_text())

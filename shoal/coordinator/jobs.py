@@ -1,0 +1,68 @@
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.worker.channel import Message
+
+TERMINAL = ("COMPLETED", "FAILED")
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation as the coordinator tracks it: RECEIVED, QUEUED, SCHEDULED (assigned to a worker),
+    ACTIVE (tokens flowing), then COMPLETED or FAILED. Its worker's messages queue up for the reader."""
+
+    id: str
+    model: str
+    prompt: Any
+    params: dict
+    session_id: str | None = None
+    priority: int = 0
+    arrival: int = 0
+    state: str = "RECEIVED"
+    worker: str | None = None
+    times: dict[str, float] = field(default_factory=dict)
+    result: Message | None = None
+    messages: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    ack: Callable[["Job", int], Awaitable[None]] | None = None
+
+    def __post_init__(self) -> None:
+        self.mark("RECEIVED")
+
+    def mark(self, state: str) -> None:
+        self.state = state
+        self.times.setdefault(state, time.monotonic())
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def deliver(self, msg: Message) -> None:
+        if msg["type"] == "tokens" and self.state != "ACTIVE":
+            self.mark("ACTIVE")
+        if msg["type"] == "done":
+            self.result = msg
+            self.mark("FAILED" if msg["finish_reason"] in ("error", "timeout") else "COMPLETED")
+        self.messages.put_nowait(msg)
+
+    def __aiter__(self) -> "Job":
+        return self
+
+    async def __anext__(self) -> Message:
+        """The worker's tokens messages, then its done message; reading one acknowledges it."""
+        if self.result is not None and self.messages.empty():
+            raise StopAsyncIteration
+        msg = await self.messages.get()
+        if msg["type"] == "tokens" and self.ack is not None:
+            await self.ack(self, 1)
+        return msg
+
+    def budget(self) -> dict[str, float]:
+        """Milliseconds spent in each stage: coordinator scheduling, then the worker's own stages."""
+        t = self.times
+        stats = (self.result or {}).get("stats") or {}
+        scheduled = t.get("SCHEDULED", t["RECEIVED"])
+        return {"scheduling_ms": 1000 * (scheduled - t["RECEIVED"]), "queue_ms": stats.get("queue_ms", 0.0),
+                "prefill_ms": stats.get("prefill_ms", 0.0), "decode_ms": stats.get("decode_ms", 0.0)}

@@ -1,0 +1,51 @@
+import time
+from dataclasses import dataclass, field
+
+from shoal.worker.channel import Channel, Message
+
+
+@dataclass(eq=False)
+class WorkerConn:
+    """A connected worker as the coordinator sees it: what it holds, how many jobs it will take now."""
+
+    id: str
+    name: str
+    channel: Channel
+    models: dict[str, dict]
+    slots: int
+    credit: int = 0
+    jobs: set[str] = field(default_factory=set)
+    snapshot: dict = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    state: str = "ONLINE"
+
+    @classmethod
+    def from_hello(cls, worker_id: str, channel: Channel, hello: Message) -> "WorkerConn":
+        models = {m["name"]: m for m in hello["models"]}
+        return cls(worker_id, hello["name"], channel, models, hello["slots"])
+
+
+class Catalog:
+    """The models the network can serve right now, from what connected workers advertise."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerConn] = {}
+
+    def add(self, worker: WorkerConn) -> None:
+        self.workers[worker.id] = worker
+
+    def remove(self, worker_id: str) -> WorkerConn | None:
+        return self.workers.pop(worker_id, None)
+
+    def models(self) -> dict[str, dict]:
+        """Model name -> its advertised facts (context length, layers) and how many workers serve it whole."""
+        out: dict[str, dict] = {}
+        for worker in self.workers.values():
+            for name, info in worker.models.items():
+                whole = info["layers"] == [0, info["n_layers"]]
+                entry = out.setdefault(name, {"context": info["context"], "workers": 0})
+                entry["workers"] += whole and worker.state == "ONLINE"
+        return out
+
+    def with_credit(self) -> list[WorkerConn]:
+        return [w for w in self.workers.values() if w.credit > 0 and w.state == "ONLINE"]

@@ -1,0 +1,73 @@
+"""`shoal serve`: the coordinator and one in-process worker behind the HTTP API."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from shoal.api.app import Server, create_app
+from shoal.coordinator.admission import Admission, ApiKeys, Limits
+from shoal.coordinator.coordinator import Coordinator
+from shoal.engine import Engine, EngineConfig
+from shoal.model import DEMO_PATH
+from shoal.worker.agent import WorkerAgent
+from shoal.worker.channel import channel_pair
+
+log = logging.getLogger("shoal.serve")
+
+
+@dataclass
+class ServeSettings:
+    model: Path = DEMO_PATH
+    model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
+    api_keys: list[str] = field(default_factory=list)
+    api_keys_file: Path | None = None
+    private: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.model).resolve().name
+
+
+def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
+    """The app; on startup it loads the engine (unless given) and connects it as a worker."""
+    keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
+    server = Server(Coordinator(), Admission(settings.limits), keys, private=settings.private)
+    app = create_app(server)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        local = engine or await asyncio.to_thread(Engine.from_dir, settings.model, settings.engine)
+        worker_end, coordinator_end = channel_pair()
+        agent = WorkerAgent(local, settings.name, worker_end)
+        tasks = [asyncio.create_task(agent.run()), asyncio.create_task(server.coordinator.attach(coordinator_end))]
+        while settings.name not in server.coordinator.catalog.models():
+            await asyncio.sleep(0.01)
+        log.info("serving", extra={"model": settings.name})
+        try:
+            yield
+        finally:
+            worker_end.close()
+            coordinator_end.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.to_thread(local.close)
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def serve(settings: ServeSettings) -> None:
+    """Load the model first, so that a bad model directory fails here with its own message."""
+    engine = Engine.from_dir(settings.model, settings.engine)
+    uvicorn.run(build_app(settings, engine), host=settings.host, port=settings.port,
+                access_log=not settings.private, log_level="info")

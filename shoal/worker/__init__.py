@@ -1,0 +1,1 @@
+"""A worker: connects out to the coordinator, advertises what it holds, pulls jobs, runs the engine."""
