@@ -32,7 +32,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -68,9 +68,9 @@ class SamplingFields(BaseModel):
     def logprobs_k(self) -> int | None:
         return None
 
-    def engine_params(self, max_tokens: int, index: int = 0) -> dict:
+    def engine_params(self, max_tokens: int | None, index: int = 0) -> dict:
         """SamplingParams fields for choice `index` (seeded choices get seed + index)."""
-        return {"max_tokens": max_tokens, "min_tokens": min(self.min_tokens, max_tokens),
+        return {"max_tokens": max_tokens, "min_tokens": min(self.min_tokens, max_tokens or self.min_tokens),
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                 "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "logit_bias": self.logit_bias or {},

@@ -1,0 +1,1 @@
+"""The coordinator: admission, catalog, queue, jobs; it reaches workers only through the worker protocol."""
