@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from shoal import logs
 from shoal.api.app import Server, create_app
 from shoal.coordinator.admission import Admission, ApiKeys, Limits
 from shoal.coordinator.coordinator import Coordinator
@@ -68,6 +69,7 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
 
 def serve(settings: ServeSettings) -> None:
     """Load the model first, so that a bad model directory fails here with its own message."""
+    logs.configure()
     engine = Engine.from_dir(settings.model, settings.engine)
     uvicorn.run(build_app(settings, engine), host=settings.host, port=settings.port,
                 access_log=not settings.private, log_level="info")
