@@ -163,4 +163,4 @@ def test_openapi_document_validates(server_url):
 
     spec = httpx.get(f"{server_url}/openapi.json").json()
     validate(spec)
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(spec["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"} <= set(spec["paths"])

@@ -3,7 +3,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(tags=["web"])
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
