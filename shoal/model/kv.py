@@ -43,11 +43,21 @@ class PagedKVCache:
 class SequenceView:
     """One sequence's part of a forward: where its new tokens go and what they attend to."""
 
+    start: int
     query_len: int
-    context_len: int
     context_slots: torch.Tensor
     mask: torch.Tensor | None
     causal: bool
+
+
+@dataclass
+class DecodeGroup:
+    """Every sequence that adds one token, attended in one padded call: rows of the flat batch, each
+    row's context slots padded to the longest, and which of them it may attend to."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
 
 
 @dataclass
@@ -55,18 +65,20 @@ class AttentionBatch:
     """Attention metadata for one batched forward over sequences of different lengths (no padding).
 
     Tokens of all sequences are concatenated; sequence i contributes query_len tokens at
-    positions [context_len - query_len, context_len).
+    positions [context_len - query_len, context_len). Sequences adding a single token form the
+    decode group; the others (prefill chunks) are attended one by one.
     """
 
     positions: torch.Tensor
     slot_mapping: torch.Tensor
     seqs: list[SequenceView]
+    decode: DecodeGroup | None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], starts: list[int], query_lens: list[int],
               block_size: int = BLOCK_SIZE, sliding_window: int | None = None,
               device: torch.device | str = "cpu") -> "AttentionBatch":
-        positions, slots, seqs = [], [], []
+        positions, slots, seqs, decode, offset = [], [], [], [], 0
         for table, start, qlen in zip(block_tables, starts, query_lens, strict=True):
             ctx = start + qlen
             if len(table) * block_size < ctx:
@@ -75,11 +87,30 @@ class AttentionBatch:
             context_slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
             positions.append(pos[start:])
             slots.append(context_slots[start:])
-            mask, causal = _mask(start, qlen, sliding_window)
-            seqs.append(SequenceView(qlen, ctx, context_slots.to(device),
-                                     None if mask is None else mask.to(device), causal))
-        return cls(torch.cat(positions).to(device), torch.cat(slots).to(device), seqs)
+            if qlen == 1:
+                decode.append((offset, context_slots))
+            else:
+                mask, causal = _mask(start, qlen, sliding_window)
+                seqs.append(SequenceView(offset, qlen, context_slots.to(device),
+                                         None if mask is None else mask.to(device), causal))
+            offset += qlen
+        group = _decode_group(decode, sliding_window, device) if decode else None
+        return cls(torch.cat(positions).to(device), torch.cat(slots).to(device), seqs, group)
 
+
+def _decode_group(decode: list[tuple[int, torch.Tensor]], window: int | None,
+                  device: torch.device | str) -> DecodeGroup:
+    width = max(len(s) for _, s in decode)
+    slots = torch.zeros(len(decode), width, dtype=torch.long)
+    lengths = torch.tensor([len(s) for _, s in decode])
+    for i, (_, s) in enumerate(decode):
+        slots[i, :len(s)] = s
+    k = torch.arange(width)[None, :]
+    allowed = k < lengths[:, None]
+    if window is not None:
+        allowed &= k > lengths[:, None] - 1 - window
+    rows = torch.tensor([row for row, _ in decode])
+    return DecodeGroup(rows.to(device), slots.to(device), allowed[:, None, None, :].to(device))
 
 def _mask(start: int, qlen: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
     ctx = start + qlen
