@@ -23,8 +23,12 @@ class Sampler:
         return token, None if p.logprobs is None else logprobs(logits, token, p.logprobs)
 
     def process(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-        """Logit bias, penalties and min_tokens applied to a copy of the logits."""
-        p, x = seq.params, logits.clone()
+        """Logit bias, penalties and min_tokens applied to a copy of the logits (the logits if none apply)."""
+        p, completion = seq.params, seq.completion_ids
+        penalize = completion and (p.presence_penalty or p.frequency_penalty)
+        if not (p.logit_bias or p.repetition_penalty != 1.0 or penalize or len(completion) < p.min_tokens):
+            return logits
+        x = logits.clone()
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
             x[ids] += torch.tensor(list(p.logit_bias.values()), dtype=x.dtype)
@@ -32,8 +36,7 @@ class Sampler:
             seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
             vals = x[seen]
             x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        completion = seq.completion_ids
-        if completion and (p.presence_penalty or p.frequency_penalty):
+        if penalize:
             ids, counts = torch.tensor(completion, dtype=torch.long).unique(return_counts=True)
             x[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(x.dtype)
         if len(completion) < p.min_tokens:
