@@ -2,6 +2,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,13 +88,15 @@ def start_server(*args: str) -> tuple[str, subprocess.Popen]:
 
     port = free_port()
     shoal = str(Path(sys.executable).with_name("shoal"))
-    proc = subprocess.Popen([shoal, "serve", "--port", str(port), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = tempfile.NamedTemporaryFile("w+", prefix="shoal-serve-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([shoal, "serve", "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    proc.log_path = Path(log.name)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"shoal serve exited: {proc.stdout.read()}")
+            raise RuntimeError(f"shoal serve exited: {proc.log_path.read_text()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).json()["status"] == "ok":
                 return url, proc

@@ -158,6 +158,20 @@ def test_api_keys_are_checked():
         proc.wait(timeout=30)
 
 
+def test_private_mode_logs_no_prompt_text():
+    url, proc = start_server("--private")
+    try:
+        secret = "zebra-secret-4471"
+        openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": f"Spell {secret}."}], max_tokens=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = proc.log_path.read_text()
+    assert '"message": "request finished"' in log and secret not in log and "spelled" not in log
+    assert "POST /v1/chat/completions" not in log
+
+
 def test_openapi_document_validates(server_url):
     from openapi_spec_validator import validate
 
