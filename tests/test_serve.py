@@ -158,6 +158,21 @@ def test_api_keys_are_checked():
         proc.wait(timeout=30)
 
 
+def test_shoal_chat_talks_to_a_running_server(server_url):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shoal = str(Path(sys.executable).with_name("shoal"))
+    out = subprocess.run([shoal, "chat", "--url", server_url], input="What is 12 + 30?\nCapital of Peru?\n/exit\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "12 + 30 = 42" in out.stdout and "The capital of Peru is Lima." in out.stdout
+    bad = subprocess.run([shoal, "chat", "--url", "http://127.0.0.1:9"], input="/exit\n", capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "cannot reach" in bad.stderr
+
+
 def test_private_mode_logs_no_prompt_text():
     url, proc = start_server("--private")
     try:
