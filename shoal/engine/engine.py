@@ -184,11 +184,19 @@ class Engine:
             if batch:
                 self._step(batch)
             self._publish(batch)
-            for stream, event in self._outbox:  # after the snapshot, so a reader never sees it lag an event
-                stream.put(event)
-            self._outbox.clear()
+            self._deliver()  # after the snapshot, so a reader never sees it lag an event
             if not batch:
                 self._drain(block=True, timeout=0.005)
+
+    def _deliver(self) -> None:
+        """Hand the tick's events over, waking each event loop once rather than once per event."""
+        woken: dict[asyncio.AbstractEventLoop, set[RequestStream]] = {}
+        for stream, event in self._outbox:
+            stream.append(event)
+            woken.setdefault(stream.loop, set()).add(stream)
+        self._outbox.clear()
+        for loop, streams in woken.items():
+            loop.call_soon_threadsafe(RequestStream.wake_all, streams)
 
     def _step(self, batch: list[tuple[Sequence, int]]) -> None:
         self.runner.copy(self.scheduler.take_copies())

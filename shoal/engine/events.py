@@ -50,7 +50,7 @@ class RequestStream:
     def __init__(self, request_id: str, prompt_ids: list[int], loop: asyncio.AbstractEventLoop,
                  cancel: Callable[[str], None]):
         self.id, self.prompt_ids = request_id, prompt_ids
-        self._loop, self._cancel = loop, cancel
+        self.loop, self._cancel = loop, cancel
         self._events: deque[Event] = deque()
         self._wake = asyncio.Event()
         self._done = False
@@ -60,10 +60,14 @@ class RequestStream:
     def pending(self) -> int:
         return len(self._events)
 
-    def put(self, event: Event) -> None:
-        """Called from the engine thread."""
+    def append(self, event: Event) -> None:
+        """Called from the engine thread, which then wakes the consumer through `wake_all` on its loop."""
         self._events.append(event)
-        self._loop.call_soon_threadsafe(self._wake.set)
+
+    @staticmethod
+    def wake_all(streams: set["RequestStream"]) -> None:
+        for stream in streams:
+            stream._wake.set()
 
     def cancel(self) -> None:
         self._cancel(self.id)
