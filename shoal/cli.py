@@ -25,10 +25,10 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling."
 KVOpt = Annotated[float, typer.Option("--kv-cache-mb", min=1, help="Memory for the paged KV cache, in MiB.")]
 
 
-def _engine(path: Path, kv_cache_mb: float) -> Engine:
+def _engine(path: Path, kv_cache_mb: float, n_seq_max: int = 1) -> Engine:
     try:
         with err.status(f"Loading {path} ..."):
-            return Engine.from_dir(path, EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=1))
+            return Engine.from_dir(path, EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=n_seq_max))
     except (ModelError, EngineError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
@@ -162,15 +162,49 @@ def serve(
     private: Annotated[bool, typer.Option("--private", envvar="SHOAL_PRIVATE",
                                           help="No prompt text in logs, no access log, nothing written to disk.")]
     = False,
+    local_worker: Annotated[bool, typer.Option("--local-worker/--no-local-worker",
+                                               help="Run a worker in this process (default) or only coordinate.")]
+    = True,
+    worker_token: Annotated[list[str] | None, typer.Option("--worker-token", envvar="SHOAL_WORKER_TOKEN",
+                                                           help="Token remote workers connect with (repeatable).")]
+    = None,
 ) -> None:
     """Serve the OpenAI-compatible API and the web chat page at http://HOST:PORT/."""
     from shoal.serve import ServeSettings
     from shoal.serve import serve as run_server
 
     settings = ServeSettings(model, model_name, host, port, EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb),
-                             Limits(rpm, streams, tpm), api_key or [], api_keys_file, private)
+                             Limits(rpm, streams, tpm), api_key or [], api_keys_file, private, local_worker,
+                             worker_token or [])
     try:
         run_server(settings)
     except (ModelError, EngineError, AuthError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+
+
+@app.command()
+def worker(
+    coordinator: Annotated[str, typer.Option("--coordinator", envvar="SHOAL_COORDINATOR",
+                                             help="The coordinator's URL, e.g. http://10.0.0.5:8000.")],
+    token: Annotated[str, typer.Option("--token", envvar="SHOAL_WORKER_TOKEN", help="This worker's token.")],
+    model: ModelOpt = DEMO_PATH,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="Name clients use (default: the directory "
+                                                                         "name).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="This worker's name (default: the host name).")] = None,
+    kv_cache_mb: KVOpt = 256,
+    n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
+) -> None:
+    """Serve a model to a coordinator over one outgoing connection; SIGTERM drains, then exits."""
+    import socket
+
+    from shoal import logs
+    from shoal.worker.remote import run_worker
+
+    logs.configure()
+    engine = _engine(model, kv_cache_mb, n_seq_max)
+    try:
+        asyncio.run(run_worker(coordinator, token, engine, model_name or model.resolve().name,
+                               name or socket.gethostname()))
+    finally:
+        engine.close()

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from shoal import logs
 from shoal.api.app import Server, create_app
+from shoal.api.workers import hash_token
 from shoal.coordinator.admission import Admission, ApiKeys, Limits
 from shoal.coordinator.coordinator import Coordinator
 from shoal.engine import Engine, EngineConfig
@@ -33,6 +34,8 @@ class ServeSettings:
     api_keys: list[str] = field(default_factory=list)
     api_keys_file: Path | None = None
     private: bool = False
+    local_worker: bool = True
+    worker_tokens: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -42,26 +45,29 @@ class ServeSettings:
 def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     """The app; on startup it loads the engine (unless given) and connects it as a worker."""
     keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
-    server = Server(Coordinator(), Admission(settings.limits), keys, private=settings.private)
+    server = Server(Coordinator(), Admission(settings.limits), keys, private=settings.private,
+                    worker_tokens={hash_token(t) for t in settings.worker_tokens})
     app = create_app(server)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        local = engine or await asyncio.to_thread(Engine.from_dir, settings.model, settings.engine)
-        worker_end, coordinator_end = channel_pair()
-        agent = WorkerAgent(local, settings.name, worker_end)
-        tasks = [asyncio.create_task(agent.run()), asyncio.create_task(server.coordinator.attach(coordinator_end))]
-        while settings.name not in server.coordinator.catalog.models():
-            await asyncio.sleep(0.01)
-        log.info("serving", extra={"model": settings.name})
+        tasks = [asyncio.create_task(server.coordinator.watch())]
+        local = None
+        if settings.local_worker:
+            local = engine or await asyncio.to_thread(Engine.from_dir, settings.model, settings.engine)
+            worker_end, coordinator_end = channel_pair()
+            tasks += [asyncio.create_task(WorkerAgent(local, settings.name, worker_end).run()),
+                      asyncio.create_task(server.coordinator.attach(coordinator_end))]
+            while not server.coordinator.catalog.models().get(settings.name, {}).get("workers"):
+                await asyncio.sleep(0.01)
+            log.info("serving", extra={"model": settings.name})
         try:
             yield
         finally:
-            worker_end.close()
-            coordinator_end.close()
             for task in tasks:
                 task.cancel()
-            await asyncio.to_thread(local.close)
+            if local is not None:
+                await asyncio.to_thread(local.close)
 
     app.router.lifespan_context = lifespan
     return app
@@ -70,6 +76,6 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
 def serve(settings: ServeSettings) -> None:
     """Load the model first, so that a bad model directory fails here with its own message."""
     logs.configure()
-    engine = Engine.from_dir(settings.model, settings.engine)
+    engine = Engine.from_dir(settings.model, settings.engine) if settings.local_worker else None
     uvicorn.run(build_app(settings, engine), host=settings.host, port=settings.port,
                 access_log=not settings.private, log_level="info")

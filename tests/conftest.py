@@ -82,8 +82,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args: str) -> tuple[str, subprocess.Popen]:
-    """A real `shoal serve` subprocess on a free port; returns its URL once /health answers."""
+def start_server(*args: str, ready: tuple[str, ...] = ("ok",)) -> tuple[str, subprocess.Popen]:
+    """A real `shoal serve` subprocess on a free port; returns its URL once /health answers a `ready` status."""
     import httpx
 
     port = free_port()
@@ -98,7 +98,7 @@ def start_server(*args: str) -> tuple[str, subprocess.Popen]:
         if proc.poll() is not None:
             raise RuntimeError(f"shoal serve exited: {proc.log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).json()["status"] == "ok":
+            if httpx.get(f"{url}/health", timeout=1).json()["status"] in ready:
                 return url, proc
         except (httpx.HTTPError, ValueError):
             time.sleep(0.1)

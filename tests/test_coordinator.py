@@ -79,19 +79,47 @@ def test_a_late_message_about_a_finished_job_is_ignored():
     assert [m["type"] for m in messages] == ["done"] and job.state == "COMPLETED"
 
 
-def test_a_worker_that_goes_away_fails_its_jobs_and_a_queued_job_can_be_cancelled():
+def test_a_lost_workers_job_moves_to_another_and_the_stream_has_no_repeats():
     async def go():
         c = Coordinator()
-        worker, task = await connect(c)
-        running = await c.submit("m", "a", {})
-        queued = await c.submit("m", "b", {})
-        await worker.recv()
-        await c.cancel(queued)
-        worker.close()
+        first, task = await connect(c)
+        job = await c.submit("m", "a", {"temperature": 1.0})
+        assign = await first.recv()
+        for text in ("Hel", "lo"):
+            await first.send({"type": "tokens", "job": job.id, "kind": "text", "text": text, "token_ids": [1],
+                              "logprobs": None})
+        await asyncio.sleep(0.01)
+        first.close()
         await task
-        return running, queued, c
+        requeued = (job.state, job.retries)
+        second, _ = await connect(c)
+        again = await second.recv()
+        for text in ("Hel", "lo", " there"):
+            await second.send({"type": "tokens", "job": job.id, "kind": "text", "text": text, "token_ids": [1],
+                               "logprobs": None})
+        await second.send({"type": "done", "job": job.id, "finish_reason": "stop", "error": None})
+        return assign, again, requeued, "".join([m.get("text", "") async for m in job])
 
-    running, queued, c = run(go())
-    assert running.state == "FAILED" and "went away" in running.result["error"]
+    assign, again, requeued, text = run(go())
+    assert requeued == ("QUEUED", 1)
+    assert again["job"] == assign["job"] and again["params"]["seed"] == assign["params"]["seed"] is not None
+    assert text == "Hello there"
+
+
+def test_a_queued_job_can_be_cancelled_and_malformed_messages_get_an_error():
+    async def go():
+        c = Coordinator()
+        worker, _ = await connect(c, credit=0)
+        queued = await c.submit("m", "b", {})
+        await c.cancel(queued)
+        await worker.send({"type": "tokens"})
+        await worker.send({"type": "bogus"})
+        errors = [await worker.recv(), await worker.recv()]
+        await worker.send({"type": "credit", "n": 1})
+        job = await c.submit("m", "c", {})
+        return queued, errors, await worker.recv(), job
+
+    queued, errors, assign, job = run(go())
     assert queued.result["finish_reason"] == "cancelled"
-    assert c.catalog.models() == {}
+    assert [e["type"] for e in errors] == ["error", "error"] and "tokens" in errors[0]["error"]
+    assert assign["job"] == job.id

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request, Response
 
 from shoal import __version__
-from shoal.api import errors, openai, web
+from shoal.api import errors, openai, web, workers
 from shoal.api.errors import APIError
 from shoal.api.metrics import Metrics
 from shoal.coordinator.admission import Admission, ApiKeys, AuthError, Limits, RateLimited, Ticket, TooLarge, client_key
@@ -20,6 +20,7 @@ class Server:
     keys: ApiKeys = field(default_factory=lambda: ApiKeys(set()))
     metrics: Metrics = field(default_factory=Metrics)
     private: bool = False
+    worker_tokens: set[str] = field(default_factory=set)  # sha256 of the tokens remote workers present
 
     def authorize(self, request: Request) -> str | None:
         """The caller's API key; raises APIError 401 when keys are required and this one is not valid."""
@@ -48,6 +49,7 @@ def create_app(server: Server) -> FastAPI:
     errors.install(app)
     app.include_router(openai.router)
     app.include_router(web.router)
+    app.include_router(workers.router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict:

@@ -1,5 +1,7 @@
+import asyncio
 import itertools
 import logging
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -8,7 +10,7 @@ from typing import Any
 from shoal.coordinator.jobs import Job
 from shoal.coordinator.queue import JobQueue
 from shoal.coordinator.workers import Catalog, WorkerConn
-from shoal.worker.channel import Channel, ChannelClosed, Message
+from shoal.worker.channel import ChannelClosed, Message, Transport
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -26,21 +28,24 @@ class NoCapacity(Exception):
 class Coordinator:
     """Admits jobs, queues them, hands them to workers that have credit, and relays what workers send.
 
-    It knows workers only as channels speaking the worker protocol: hello, credit, heartbeat,
-    tokens and done arrive; assign, cancel and ack go out.
+    It knows workers only as transports speaking the worker protocol: hello, credit, heartbeat,
+    drain, tokens and done arrive; assign, cancel, ack and error go out. A job whose worker is lost
+    (disconnected, silent past `liveness_s`, or its lease of `lease_s` not renewed by progress) goes
+    back to the queue, up to `max_retries` times.
     """
 
-    def __init__(self, max_queue: int = 4096):
+    def __init__(self, max_queue: int = 4096, lease_s: float = 30.0, liveness_s: float = 6.0, max_retries: int = 3):
         self.catalog = Catalog()
         self.queue = JobQueue()
         self.jobs: dict[str, Job] = {}
-        self.max_queue = max_queue
+        self.max_queue, self.lease_s, self.liveness_s, self.max_retries = max_queue, lease_s, liveness_s, max_retries
         self._worker_ids = itertools.count(1)
 
-    async def attach(self, channel: Channel) -> None:
+    async def attach(self, channel: Transport) -> None:
         """Serve one worker connection until it closes."""
         hello = await channel.recv()
-        if hello.get("type") != "hello":
+        if hello.get("type") != "hello" or not isinstance(hello.get("models"), list):
+            await channel.send({"type": "error", "error": "a worker must open with hello and its models"})
             channel.close()
             raise ValueError(f"a worker must open with hello, not {hello.get('type')!r}")
         worker = WorkerConn.from_hello(f"w{next(self._worker_ids)}", channel, hello)
@@ -48,31 +53,39 @@ class Coordinator:
         log.info("worker joined", extra={"worker": worker.id, "models": list(worker.models)})
         try:
             while True:
-                await self._on_message(worker, await channel.recv())
+                msg = await channel.recv()
+                try:
+                    await self._on_message(worker, msg)
+                except (KeyError, TypeError, ValueError) as e:
+                    await self._send(worker, {"type": "error", "error": f"bad {msg.get('type')!r} message: {e!r}"})
         except ChannelClosed:
             pass
         finally:
-            self.catalog.remove(worker.id)
-            for job_id in list(worker.jobs):
-                self._end(self.jobs[job_id], {"type": "done", "job": job_id, "finish_reason": "error",
-                                              "error": f"worker {worker.name} went away"})
+            await self._lost(worker, "went away")
 
     async def _on_message(self, worker: WorkerConn, msg: Message) -> None:
         worker.last_seen = time.monotonic()
         kind = msg.get("type")
         if kind == "credit":
-            worker.credit += msg["n"]
+            worker.credit = max(0, worker.credit + int(msg["n"])) if worker.state != "DRAINING" else 0
+            worker.state = "ONLINE" if worker.state == "JOINING" else worker.state
             await self._dispatch()
         elif kind == "heartbeat":
-            worker.snapshot = msg["snapshot"]
+            worker.snapshot = dict(msg["snapshot"])
+        elif kind == "drain":
+            worker.state, worker.credit = "DRAINING", 0
         elif kind in ("tokens", "done"):
             job = self.jobs.get(msg["job"])
             if job is None or job.worker != worker.id:
                 return  # late news about a job that ended or moved: never counted twice
-            if kind == "tokens":
-                job.deliver(msg)
-            else:
+            if kind == "done":
                 self._end(job, msg)
+            elif job.deliver(msg):
+                job.lease_until = time.monotonic() + self.lease_s
+            else:
+                await self._ack(job, 1)
+        else:
+            raise ValueError(msg.get("error") or "unknown message type")
 
     def _end(self, job: Job, msg: Message) -> None:
         self.jobs.pop(job.id, None)
@@ -80,6 +93,43 @@ class Coordinator:
         if worker:
             worker.jobs.discard(job.id)
         job.deliver(msg)
+
+    async def _lost(self, worker: WorkerConn, why: str) -> None:
+        """A worker is gone: its jobs go back to the queue (or fail after too many tries)."""
+        if worker.state == "OFFLINE":
+            return
+        worker.state = "OFFLINE"
+        self.catalog.remove(worker.id)
+        jobs, worker.jobs = [self.jobs[j] for j in worker.jobs if j in self.jobs], set()
+        for job in jobs:
+            await self._reassign(job, f"worker {worker.name} {why}")
+
+    async def _reassign(self, job: Job, why: str) -> None:
+        old = self.catalog.workers.get(job.worker or "")
+        if old is not None:
+            old.jobs.discard(job.id)
+            await self._send(old, {"type": "cancel", "job": job.id})
+        if job.retries >= self.max_retries:
+            self._end(job, {"type": "done", "job": job.id, "finish_reason": "error",
+                            "error": f"{why}; gave up after {job.retries} retries"})
+            return
+        log.info("job reassigned", extra={"job": job.id, "reason": why})
+        job.restart()
+        self.queue.push(job)
+        await self._dispatch()
+
+    async def watch(self, every_s: float = 0.5) -> None:
+        """Forever: drop workers silent past liveness_s, move jobs whose lease ran out."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for worker in list(self.catalog.workers.values()):
+                if now - worker.last_seen > self.liveness_s:
+                    worker.channel.close()
+                    await self._lost(worker, f"sent nothing for {self.liveness_s} s")
+            for job in list(self.jobs.values()):
+                if job.worker and job.lease_until < now:
+                    await self._reassign(job, f"lease of {self.lease_s} s ran out")
 
     async def submit(self, model: str, prompt: Any, params: dict, session_id: str | None = None,
                      priority: int = 0) -> Job:
@@ -90,6 +140,8 @@ class Coordinator:
             raise NoCapacity(f"no online worker serves {model!r} now")
         if len(self.queue) >= self.max_queue:
             raise NoCapacity(f"the queue is full ({self.max_queue} jobs)")
+        # A fixed seed lets another worker regenerate the same tokens if this job has to move.
+        params = {**params, "seed": params.get("seed") if params.get("seed") is not None else secrets.randbits(62)}
         job = Job(uuid.uuid4().hex, model, prompt, params, session_id, priority, ack=self._ack)
         self.jobs[job.id] = job
         self.queue.push(job)
@@ -109,11 +161,12 @@ class Coordinator:
             while worker.credit > 0 and (job := self.queue.pop_for(set(worker.models))) is not None:
                 worker.credit -= 1
                 job.worker = worker.id
+                job.lease_until = time.monotonic() + self.lease_s
                 worker.jobs.add(job.id)
                 job.mark("SCHEDULED")
                 await self._send(worker, {"type": "assign", "job": job.id, "model": job.model, "prompt": job.prompt,
                                           "params": job.params, "session_id": job.session_id,
-                                          "priority": job.priority})
+                                          "priority": job.priority, "lease_s": self.lease_s})
 
     async def _ack(self, job: Job, n: int) -> None:
         worker = self.catalog.workers.get(job.worker or "")

@@ -25,6 +25,12 @@ class Job:
     worker: str | None = None
     times: dict[str, float] = field(default_factory=dict)
     result: Message | None = None
+    retries: int = 0
+    lease_until: float = 0.0
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    skip_chars: int = 0
+    skip_tokens: int = 0
     messages: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     ack: Callable[["Job", int], Awaitable[None]] | None = None
 
@@ -39,13 +45,38 @@ class Job:
     def done(self) -> bool:
         return self.state in TERMINAL
 
-    def deliver(self, msg: Message) -> None:
-        if msg["type"] == "tokens" and self.state != "ACTIVE":
-            self.mark("ACTIVE")
+    def restart(self) -> None:
+        """Back to the queue after its worker was lost: a new worker regenerates it with the same seed, and
+        what the reader already has is skipped, so the stream goes on with nothing repeated or missing."""
+        self.worker, self.retries = None, self.retries + 1
+        self.skip_chars, self.skip_tokens = self.sent_chars, self.sent_tokens
+
+    def _trim(self, msg: Message) -> Message | None:
+        if not (self.skip_chars or self.skip_tokens):
+            return msg
+        text, ids, lps = msg["text"], msg["token_ids"], msg.get("logprobs")
+        chars, tokens = min(self.skip_chars, len(text)), min(self.skip_tokens, len(ids))
+        self.skip_chars -= chars
+        self.skip_tokens -= tokens
+        if chars == len(text) and tokens == len(ids):
+            return None
+        return {**msg, "text": text[chars:], "token_ids": ids[tokens:], "logprobs": lps[tokens:] if lps else lps}
+
+    def deliver(self, msg: Message) -> bool:
+        """Queue a worker message for the reader; False if it only repeated what the reader already has."""
+        if msg["type"] == "tokens":
+            msg = self._trim(msg)
+            if msg is None:
+                return False
+            self.sent_chars += len(msg["text"])
+            self.sent_tokens += len(msg["token_ids"])
+            if self.state != "ACTIVE":
+                self.mark("ACTIVE")
         if msg["type"] == "done":
             self.result = msg
             self.mark("FAILED" if msg["finish_reason"] in ("error", "timeout") else "COMPLETED")
         self.messages.put_nowait(msg)
+        return True
 
     def __aiter__(self) -> "Job":
         return self

@@ -1,7 +1,7 @@
 import time
 from dataclasses import dataclass, field
 
-from shoal.worker.channel import Channel, Message
+from shoal.worker.channel import Message, Transport
 
 
 @dataclass(eq=False)
@@ -10,17 +10,17 @@ class WorkerConn:
 
     id: str
     name: str
-    channel: Channel
+    channel: Transport
     models: dict[str, dict]
     slots: int
     credit: int = 0
     jobs: set[str] = field(default_factory=set)
     snapshot: dict = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
-    state: str = "ONLINE"
+    state: str = "JOINING"
 
     @classmethod
-    def from_hello(cls, worker_id: str, channel: Channel, hello: Message) -> "WorkerConn":
+    def from_hello(cls, worker_id: str, channel: Transport, hello: Message) -> "WorkerConn":
         models = {m["name"]: m for m in hello["models"]}
         return cls(worker_id, hello["name"], channel, models, hello["slots"])
 

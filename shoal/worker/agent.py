@@ -5,7 +5,7 @@ from dataclasses import fields
 
 from shoal import __version__
 from shoal.engine import Engine, EngineError, SamplingParams, StickyBusy
-from shoal.worker.channel import Channel, ChannelClosed, Message
+from shoal.worker.channel import ChannelClosed, Message, Transport
 
 log = logging.getLogger("shoal.worker")
 PARAMS = {f.name for f in fields(SamplingParams)}
@@ -19,7 +19,7 @@ class WorkerAgent:
     that request alone.
     """
 
-    def __init__(self, engine: Engine, model_name: str, channel: Channel, name: str = "local", window: int = 32,
+    def __init__(self, engine: Engine, model_name: str, channel: Transport, name: str = "local", window: int = 32,
                  heartbeat_s: float = 2.0):
         self.engine, self.model_name, self.channel, self.name = engine, model_name, channel, name
         self.window, self.heartbeat_s = window, heartbeat_s
@@ -46,6 +46,13 @@ class WorkerAgent:
             for task in self._tasks:
                 task.cancel()
 
+    async def drain(self) -> None:
+        """Take no new jobs, let the ones in flight finish, then close the connection."""
+        await self._send({"type": "drain"})
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+        self.channel.close()
+
     def _handle(self, msg: Message) -> None:
         kind = msg.get("type")
         if kind == "assign":
@@ -57,6 +64,8 @@ class WorkerAgent:
         elif kind == "ack" and msg["job"] in self._windows:
             for _ in range(msg["n"]):
                 self._windows[msg["job"]].release()
+        elif kind == "error":
+            log.warning("the coordinator reports an error", extra={"error": msg.get("error")})
         else:
             log.warning("ignoring message of type %r", kind)
 

@@ -1,12 +1,22 @@
 import asyncio
 import json
-from typing import Any
+from typing import Any, Protocol
 
 Message = dict[str, Any]
 
 
 class ChannelClosed(Exception):
     """The other end of a worker channel went away."""
+
+
+class Transport(Protocol):
+    """What both sides of the worker protocol need from a connection: JSON messages in order."""
+
+    async def send(self, message: Message) -> None: ...
+
+    async def recv(self) -> Message: ...
+
+    def close(self) -> None: ...
 
 
 class Channel:

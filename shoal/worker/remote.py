@@ -1,0 +1,68 @@
+"""`shoal worker`: an engine serving a coordinator over one outgoing WebSocket, reconnecting with backoff."""
+
+import asyncio
+import json
+import logging
+import signal
+
+import websockets
+
+from shoal.engine import Engine
+from shoal.worker.agent import WorkerAgent
+from shoal.worker.channel import ChannelClosed, Message
+
+log = logging.getLogger("shoal.worker")
+
+
+class ClientTransport:
+    def __init__(self, ws: websockets.ClientConnection):
+        self.ws = ws
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self.ws.send(json.dumps(message))
+        except websockets.ConnectionClosed as e:
+            raise ChannelClosed(str(e)) from e
+
+    async def recv(self) -> Message:
+        try:
+            return json.loads(await self.ws.recv())
+        except websockets.ConnectionClosed as e:
+            raise ChannelClosed(str(e)) from e
+
+    def close(self) -> None:
+        self._closing = asyncio.ensure_future(self.ws.close())
+
+
+def ws_url(coordinator: str) -> str:
+    base = coordinator.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    return f"{base}/v1/workers/connect"
+
+
+async def run_worker(coordinator: str, token: str, engine: Engine, model_name: str, name: str,
+                     max_backoff: float = 30.0) -> None:
+    """Serve until SIGTERM or SIGINT, which drains: in-flight jobs finish, no new ones are taken."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    backoff = 0.5
+    while not stop.is_set():
+        try:
+            async with websockets.connect(ws_url(coordinator), additional_headers={"Authorization": f"Bearer {token}"},
+                                          max_size=None) as ws:
+                backoff = 0.5
+                agent = WorkerAgent(engine, model_name, ClientTransport(ws), name)
+                log.info("connected", extra={"coordinator": coordinator, "worker": name})
+                serving = asyncio.create_task(agent.run())
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():
+                    await agent.drain()
+                    return
+        except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed) as e:
+            log.warning("connection failed", extra={"error": str(e), "retry_in_s": backoff})
+        try:
+            await asyncio.wait_for(stop.wait(), backoff)
+        except TimeoutError:
+            backoff = min(max_backoff, backoff * 2)

@@ -1,0 +1,103 @@
+"""Workers on other machines, as real processes on 127.0.0.1: one WebSocket out, credit, failover, drain."""
+
+import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import start_server
+
+SHOAL = str(Path(sys.executable).with_name("shoal"))
+TOKEN = "worker-secret"
+
+
+def start_worker(url: str, name: str, token: str = TOKEN) -> subprocess.Popen:
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"shoal-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([SHOAL, "worker", "--coordinator", url, "--token", token, "--name", name],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = Path(log.name)
+    return proc
+
+
+def wait_workers(url: str, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        if sum(m["workers"] for m in models) == n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"expected {n} workers, have {models}")
+
+
+@pytest.fixture
+def coordinator():
+    url, proc = start_server("--no-local-worker", "--worker-token", TOKEN, "--rpm", "0", "--streams", "0",
+                             "--tpm", "0", ready=("ok", "no_workers"))
+    workers: list[subprocess.Popen] = []
+    yield url, workers, proc.log_path
+    for w in workers:
+        if w.poll() is None:
+            w.kill()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_killing_a_worker_mid_generation_loses_no_request_and_no_text(coordinator):
+    url, workers, log = coordinator
+    workers += [start_worker(url, "w1"), start_worker(url, "w2")]
+    wait_workers(url, 2)
+    questions = [f"What is {a} + {b}?" for a, b in [(12, 30), (7, 8), (21, 14), (40, 9)]]
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+        kwargs = dict(model="demo", messages=[{"role": "user", "content": questions[i % 4]}], temperature=0.8,
+                      seed=i, max_tokens=120, extra_body={"ignore_eos": True})
+        if i % 2:
+            return (await client.chat.completions.create(**kwargs)).choices[0].message.content
+        stream = await client.chat.completions.create(stream=True, **kwargs)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def all_of_them(kill: bool) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        tasks = [asyncio.create_task(one(client, i)) for i in range(40)]
+        if kill:
+            await asyncio.sleep(1.5)
+            workers[0].send_signal(signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    answers = asyncio.run(all_of_them(kill=True))
+    again = asyncio.run(all_of_them(kill=False))
+    assert answers == again
+    assert all(answers)
+    assert '"message": "job reassigned"' in log.read_text()
+
+
+def test_a_worker_with_a_wrong_token_is_refused(coordinator):
+    url, workers, _ = coordinator
+    workers.append(start_worker(url, "intruder", token="wrong"))
+    deadline = time.monotonic() + 30
+    while "connection failed" not in workers[0].log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "connection failed" in workers[0].log_path.read_text() and workers[0].poll() is None
+    assert httpx.get(f"{url}/health").json()["status"] == "no_workers"
+
+
+def test_sigterm_drains_the_worker(coordinator):
+    url, workers, _ = coordinator
+    workers.append(start_worker(url, "w1"))
+    wait_workers(url, 1)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello!"}],
+                                            max_tokens=300, stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    workers[0].send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+    assert workers[0].wait(timeout=30) == 0
+    wait_workers(url, 0)
