@@ -23,6 +23,7 @@ MaxTokensOpt = Annotated[int | None, typer.Option(
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
 KVOpt = Annotated[float, typer.Option("--kv-cache-mb", min=1, help="Memory for the paged KV cache, in MiB.")]
+DbOpt = Annotated[str, typer.Option("--db", envvar="SHOAL_DB", help="The kudos ledger: an SQLAlchemy URL.")]
 
 
 def _engine(path: Path, kv_cache_mb: float, n_seq_max: int = 1) -> Engine:
@@ -168,6 +169,7 @@ def serve(
     worker_token: Annotated[list[str] | None, typer.Option("--worker-token", envvar="SHOAL_WORKER_TOKEN",
                                                            help="Token remote workers connect with (repeatable).")]
     = None,
+    db: DbOpt = "sqlite:///shoal.db",
 ) -> None:
     """Serve the OpenAI-compatible API and the web chat page at http://HOST:PORT/."""
     from shoal.serve import ServeSettings
@@ -175,7 +177,7 @@ def serve(
 
     settings = ServeSettings(model, model_name, host, port, EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb),
                              Limits(rpm, streams, tpm), api_key or [], api_keys_file, private, local_worker,
-                             worker_token or [])
+                             worker_token or [], db)
     try:
         run_server(settings)
     except (ModelError, EngineError, AuthError) as e:
@@ -208,3 +210,28 @@ def worker(
                                name or socket.gethostname()))
     finally:
         engine.close()
+
+
+tokens = typer.Typer(help="Worker tokens and user API keys in the kudos ledger.", no_args_is_help=True)
+app.add_typer(tokens, name="token")
+
+
+@tokens.command("create")
+def token_create(
+    worker_name: Annotated[str | None, typer.Option("--worker", help="Create a token for this worker.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Create a user and print its API key; with --worker, "
+                                                              "the worker's owner.")] = None,
+    db: DbOpt = "sqlite:///shoal.db",
+) -> None:
+    """Print a new secret; the ledger keeps only its hash, so it cannot be shown again."""
+    from shoal.store.ledger import Ledger
+
+    if not worker_name and not user:
+        err.print("[red]error:[/red] give --worker NAME or --user NAME")
+        raise typer.Exit(2)
+    ledger = Ledger(db)
+    try:
+        print(ledger.create_worker_token(worker_name, user) if worker_name else ledger.create_user(user))
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e

@@ -17,6 +17,7 @@ from shoal.coordinator.admission import Admission, ApiKeys, Limits
 from shoal.coordinator.coordinator import Coordinator
 from shoal.engine import Engine, EngineConfig
 from shoal.model import DEMO_PATH
+from shoal.store.ledger import Ledger
 from shoal.worker.agent import WorkerAgent
 from shoal.worker.channel import channel_pair
 
@@ -36,6 +37,7 @@ class ServeSettings:
     private: bool = False
     local_worker: bool = True
     worker_tokens: list[str] = field(default_factory=list)
+    db: str = "sqlite:///shoal.db"
 
     @property
     def name(self) -> str:
@@ -45,8 +47,10 @@ class ServeSettings:
 def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     """The app; on startup it loads the engine (unless given) and connects it as a worker."""
     keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
+    # Private mode writes nothing of a request to disk, the ledger's job rows included.
+    ledger = Ledger("sqlite://" if settings.private else settings.db)
     server = Server(Coordinator(), Admission(settings.limits), keys, private=settings.private,
-                    worker_tokens={hash_token(t) for t in settings.worker_tokens})
+                    worker_tokens={hash_token(t) for t in settings.worker_tokens}, ledger=ledger)
     app = create_app(server)
 
     @contextlib.asynccontextmanager

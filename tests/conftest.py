@@ -89,7 +89,8 @@ def start_server(*args: str, ready: tuple[str, ...] = ("ok",)) -> tuple[str, sub
     port = free_port()
     shoal = str(Path(sys.executable).with_name("shoal"))
     log = tempfile.NamedTemporaryFile("w+", prefix="shoal-serve-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen([shoal, "serve", "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT,
+    db = () if "--db" in args else ("--db", "sqlite://")
+    proc = subprocess.Popen([shoal, "serve", "--port", str(port), *db, *args], stdout=log, stderr=subprocess.STDOUT,
                             text=True)
     proc.log_path = Path(log.name)
     url = f"http://127.0.0.1:{port}"

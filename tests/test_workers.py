@@ -87,6 +87,32 @@ def test_a_worker_with_a_wrong_token_is_refused(coordinator):
     assert httpx.get(f"{url}/health").json()["status"] == "no_workers"
 
 
+def test_a_ledger_token_connects_and_its_owner_is_paid_once_per_job(tmp_path):
+    from shoal.store.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    made = subprocess.run([SHOAL, "token", "create", "--worker", "rig", "--user", "carol", "--db", db],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    url, proc = start_server("--no-local-worker", "--db", db, ready=("ok", "no_workers"))
+    worker = start_worker(url, "rig", token=made.stdout.strip())
+    try:
+        wait_workers(url, 1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello!"}])
+    finally:
+        worker.kill()
+        proc.terminate()
+        proc.wait(timeout=30)
+    ledger = Ledger(db)
+    with ledger.engine.connect() as c:
+        from sqlalchemy import text
+
+        rewards = c.execute(text("select count(*), count(distinct job) from transfers where reason='reward'")).one()
+    assert tuple(rewards) == (3, 3) and ledger.balanced()
+
+
 def test_sigterm_drains_the_worker(coordinator):
     url, workers, _ = coordinator
     workers.append(start_worker(url, "w1"))

@@ -9,6 +9,9 @@ from shoal.api.errors import APIError
 from shoal.api.metrics import Metrics
 from shoal.coordinator.admission import Admission, ApiKeys, AuthError, Limits, RateLimited, Ticket, TooLarge, client_key
 from shoal.coordinator.coordinator import Coordinator
+from shoal.coordinator.jobs import Job
+from shoal.coordinator.workers import WorkerConn
+from shoal.store.ledger import Account, Ledger, job_reward
 
 
 @dataclass
@@ -21,6 +24,24 @@ class Server:
     metrics: Metrics = field(default_factory=Metrics)
     private: bool = False
     worker_tokens: set[str] = field(default_factory=set)  # sha256 of the tokens remote workers present
+    ledger: Ledger = field(default_factory=lambda: Ledger("sqlite://"))
+
+    def __post_init__(self) -> None:
+        self.coordinator.on_done = self.settle
+
+    def account(self, request: Request) -> Account:
+        """The ledger user the request's API key belongs to; anonymous for no key or one the ledger lacks."""
+        return self.ledger.account(self.authorize(request)) or self.ledger.account(None)
+
+    def settle(self, job: Job, worker: WorkerConn, done: dict) -> None:
+        """Pay a remote worker's owner for a finished job (once, ever) and charge its requester."""
+        stats = done.get("stats") or {}
+        if done["finish_reason"] not in ("stop", "length") or worker.owner_id is None:
+            return
+        params_b = worker.models.get(job.model, {}).get("params_b", 0.0)
+        reward = job_reward(stats.get("completion_tokens", 0), params_b, 4 * stats.get("prompt_tokens", 0))
+        if self.ledger.transfer(worker.owner_id, reward, "reward", job=job.id, worker=worker.name) and job.user_id:
+            self.ledger.transfer(job.user_id, -(reward + 1), "charge", worker=worker.name)
 
     def authorize(self, request: Request) -> str | None:
         """The caller's API key; raises APIError 401 when keys are required and this one is not valid."""

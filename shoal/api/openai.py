@@ -55,11 +55,12 @@ async def _complete(request: Request, body: SamplingFields, prompt: object, chat
     if body.n > 1 and body.session_id:
         raise APIError(400, "a session continues one conversation: n must be 1 with session_id", "n")
     ticket = server.admit(request, body.n * (len(json.dumps(prompt)) // 3 + (body.limit() or 256)))
+    user = server.account(request)
     run = Run(server, body, chat, started, ticket)
     try:
         for i in range(body.n):
             run.jobs.append(await server.coordinator.submit(body.model, prompt, body.engine_params(body.limit(), i),
-                                                            body.session_id, body.priority))
+                                                            body.session_id, body.priority, user.id, user.kudos))
         await run.open()
     except ModelNotFound as e:
         await run.close()

@@ -48,12 +48,13 @@ async def connect(ws: WebSocket) -> None:
     """A worker's one connection: bearer worker token, then the worker protocol until either side closes."""
     server = ws.app.state.server
     scheme, _, token = (ws.headers.get("authorization") or "").partition(" ")
-    digest = hash_token(token) if scheme.lower() == "bearer" else ""
-    if not any(hmac.compare_digest(digest, known) for known in server.worker_tokens):
+    token = token if scheme.lower() == "bearer" else ""
+    owner = server.ledger.worker_owner(token) if token else None
+    if owner is None and not any(hmac.compare_digest(hash_token(token), known) for known in server.worker_tokens):
         await ws.close(code=1008, reason="unknown worker token")
         return
     await ws.accept()
     try:
-        await server.coordinator.attach(WebSocketTransport(ws))
+        await server.coordinator.attach(WebSocketTransport(ws), None if owner is None else owner.id)
     except ValueError as e:
         log.warning("worker refused", extra={"reason": str(e)})

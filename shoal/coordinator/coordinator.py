@@ -5,6 +5,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from shoal.coordinator.jobs import Job
@@ -34,21 +35,23 @@ class Coordinator:
     back to the queue, up to `max_retries` times.
     """
 
-    def __init__(self, max_queue: int = 4096, lease_s: float = 30.0, liveness_s: float = 6.0, max_retries: int = 3):
+    def __init__(self, max_queue: int = 4096, lease_s: float = 30.0, liveness_s: float = 6.0, max_retries: int = 3,
+                 on_done: Callable[[Job, WorkerConn, Message], None] | None = None):
+        self.on_done = on_done
         self.catalog = Catalog()
         self.queue = JobQueue()
         self.jobs: dict[str, Job] = {}
         self.max_queue, self.lease_s, self.liveness_s, self.max_retries = max_queue, lease_s, liveness_s, max_retries
         self._worker_ids = itertools.count(1)
 
-    async def attach(self, channel: Transport) -> None:
-        """Serve one worker connection until it closes."""
+    async def attach(self, channel: Transport, owner_id: int | None = None) -> None:
+        """Serve one worker connection until it closes; `owner_id` is the ledger user its token belongs to."""
         hello = await channel.recv()
         if hello.get("type") != "hello" or not isinstance(hello.get("models"), list):
             await channel.send({"type": "error", "error": "a worker must open with hello and its models"})
             channel.close()
             raise ValueError(f"a worker must open with hello, not {hello.get('type')!r}")
-        worker = WorkerConn.from_hello(f"w{next(self._worker_ids)}", channel, hello)
+        worker = WorkerConn.from_hello(f"w{next(self._worker_ids)}", channel, hello, owner_id)
         self.catalog.add(worker)
         log.info("worker joined", extra={"worker": worker.id, "models": list(worker.models)})
         try:
@@ -79,6 +82,8 @@ class Coordinator:
             if job is None or job.worker != worker.id:
                 return  # late news about a job that ended or moved: never counted twice
             if kind == "done":
+                if self.on_done is not None:
+                    self.on_done(job, worker, msg)
                 self._end(job, msg)
             elif job.deliver(msg):
                 job.lease_until = time.monotonic() + self.lease_s
@@ -132,7 +137,7 @@ class Coordinator:
                     await self._reassign(job, f"lease of {self.lease_s} s ran out")
 
     async def submit(self, model: str, prompt: Any, params: dict, session_id: str | None = None,
-                     priority: int = 0) -> Job:
+                     priority: int = 0, user_id: int = 0, kudos: float = 0.0) -> Job:
         models = self.catalog.models()
         if model not in models:
             raise ModelNotFound(model, sorted(models))
@@ -142,7 +147,7 @@ class Coordinator:
             raise NoCapacity(f"the queue is full ({self.max_queue} jobs)")
         # A fixed seed lets another worker regenerate the same tokens if this job has to move.
         params = {**params, "seed": params.get("seed") if params.get("seed") is not None else secrets.randbits(62)}
-        job = Job(uuid.uuid4().hex, model, prompt, params, session_id, priority, ack=self._ack)
+        job = Job(uuid.uuid4().hex, model, prompt, params, session_id, priority, user_id, kudos, ack=self._ack)
         self.jobs[job.id] = job
         self.queue.push(job)
         await self._dispatch()

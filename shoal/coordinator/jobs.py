@@ -20,6 +20,8 @@ class Job:
     params: dict
     session_id: str | None = None
     priority: int = 0
+    user_id: int = 0
+    kudos: float = 0.0
     arrival: int = 0
     state: str = "RECEIVED"
     worker: str | None = None

@@ -18,11 +18,12 @@ class WorkerConn:
     snapshot: dict = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     state: str = "JOINING"
+    owner_id: int | None = None
 
     @classmethod
-    def from_hello(cls, worker_id: str, channel: Transport, hello: Message) -> "WorkerConn":
+    def from_hello(cls, worker_id: str, channel: Transport, hello: Message, owner_id: int | None) -> "WorkerConn":
         models = {m["name"]: m for m in hello["models"]}
-        return cls(worker_id, hello["name"], channel, models, hello["slots"])
+        return cls(worker_id, hello["name"], channel, models, hello["slots"], owner_id=owner_id)
 
 
 class Catalog:

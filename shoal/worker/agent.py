@@ -30,6 +30,7 @@ class WorkerAgent:
         model = self.engine.model
         return {"type": "hello", "name": self.name, "version": __version__, "slots": self.engine.config.n_seq_max,
                 "models": [{"name": self.model_name, "layers": [model.start, model.end],
+                            "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
                             "n_layers": model.config.num_hidden_layers, "context": self.engine.context_len}]}
 
     async def run(self) -> None:

@@ -1,0 +1,1 @@
+"""Storage behind small interfaces: the kudos ledger (SQL through SQLAlchemy)."""
