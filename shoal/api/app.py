@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request, Response
 
 from shoal import __version__
-from shoal.api import errors, openai, web, workers
+from shoal.api import errors, horde, openai, web, workers
 from shoal.api.errors import APIError
 from shoal.api.metrics import Metrics
 from shoal.coordinator.admission import Admission, ApiKeys, AuthError, Limits, RateLimited, Ticket, TooLarge, client_key
@@ -38,9 +38,14 @@ class Server:
         stats = done.get("stats") or {}
         if done["finish_reason"] not in ("stop", "length") or worker.owner_id is None:
             return
-        params_b = worker.models.get(job.model, {}).get("params_b", 0.0)
+        known = [w.models[job.model]["params_b"] for w in self.coordinator.catalog.workers.values()
+                 if "params_b" in w.models.get(job.model, {})]
+        params_b = worker.models[job.model].get("params_b", known[0] if known else None)
         reward = job_reward(stats.get("completion_tokens", 0), params_b, 4 * stats.get("prompt_tokens", 0))
-        if self.ledger.transfer(worker.owner_id, reward, "reward", job=job.id, worker=worker.name) and job.user_id:
+        if not self.ledger.transfer(worker.owner_id, reward, "reward", job=job.id, worker=worker.name):
+            return
+        job.reward = reward
+        if job.user_id:
             self.ledger.transfer(job.user_id, -(reward + 1), "charge", worker=worker.name)
 
     def authorize(self, request: Request) -> str | None:
@@ -71,6 +76,8 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(web.router)
     app.include_router(workers.router)
+    app.include_router(horde.router)
+    app.state.horde = {}
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict:

@@ -20,6 +20,18 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+class HordeError(Exception):
+    """An error on the AI Horde API, answered as the Horde does: {"message", "rc"} with its HTTP status."""
+
+    def __init__(self, status: int, message: str, rc: str):
+        super().__init__(message)
+        self.status, self.message, self.rc = status, message, rc
+
+
+def _horde(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
 def _field(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if part != "body") or "body"
 
@@ -29,12 +41,22 @@ def install(app: FastAPI) -> None:
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(HordeError)
+    async def horde_error(_: Request, e: HordeError) -> JSONResponse:
+        return JSONResponse({"message": e.message, "rc": e.rc}, status_code=e.status)
+
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        if _horde(request):
+            errors = {_field(err["loc"]): err["msg"] for err in e.errors()}
+            return JSONResponse({"message": "Input payload validation failed", "errors": errors}, status_code=400)
         problems = [f"{_field(err['loc'])}: {err['msg']}" for err in e.errors()]
         first = _field(e.errors()[0]["loc"]) if e.errors() else None
         return JSONResponse(APIError(400, "; ".join(problems), first, "invalid_value").body(), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        if _horde(request):
+            return JSONResponse({"message": str(e.detail), "rc": "NotFound" if e.status_code == 404 else "Error"},
+                                status_code=e.status_code)
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)

@@ -14,6 +14,7 @@ from shoal.coordinator.workers import Catalog, WorkerConn
 from shoal.worker.channel import ChannelClosed, Message, Transport
 
 log = logging.getLogger("shoal.coordinator")
+PULL_STALE_S = 300.0  # a polling worker is forgotten after this long without a pop, as the Horde does
 
 
 class ModelNotFound(Exception):
@@ -41,6 +42,7 @@ class Coordinator:
         self.catalog = Catalog()
         self.queue = JobQueue()
         self.jobs: dict[str, Job] = {}
+        self.finished: dict[str, None] = {}  # recent finished job ids, oldest first
         self.max_queue, self.lease_s, self.liveness_s, self.max_retries = max_queue, lease_s, liveness_s, max_retries
         self._worker_ids = itertools.count(1)
 
@@ -94,6 +96,9 @@ class Coordinator:
 
     def _end(self, job: Job, msg: Message) -> None:
         self.jobs.pop(job.id, None)
+        self.finished[job.id] = None
+        while len(self.finished) > 100_000:
+            self.finished.pop(next(iter(self.finished)))
         worker = self.catalog.workers.get(job.worker or "")
         if worker:
             worker.jobs.discard(job.id)
@@ -129,9 +134,12 @@ class Coordinator:
             await asyncio.sleep(every_s)
             now = time.monotonic()
             for worker in list(self.catalog.workers.values()):
-                if now - worker.last_seen > self.liveness_s:
+                silent = now - worker.last_seen
+                if worker.channel is not None and silent > self.liveness_s:
                     worker.channel.close()
                     await self._lost(worker, f"sent nothing for {self.liveness_s} s")
+                elif worker.channel is None and silent > PULL_STALE_S and not worker.jobs:
+                    self.catalog.remove(worker.id)
             for job in list(self.jobs.values()):
                 if job.worker and job.lease_until < now:
                     await self._reassign(job, f"lease of {self.lease_s} s ran out")
@@ -165,13 +173,56 @@ class Coordinator:
         for worker in self.catalog.with_credit():
             while worker.credit > 0 and (job := self.queue.pop_for(set(worker.models))) is not None:
                 worker.credit -= 1
-                job.worker = worker.id
-                job.lease_until = time.monotonic() + self.lease_s
-                worker.jobs.add(job.id)
-                job.mark("SCHEDULED")
+                self._hand(job, worker, self.lease_s)
                 await self._send(worker, {"type": "assign", "job": job.id, "model": job.model, "prompt": job.prompt,
                                           "params": job.params, "session_id": job.session_id,
                                           "priority": job.priority, "lease_s": self.lease_s})
+
+    def _hand(self, job: Job, worker: WorkerConn, lease_s: float) -> None:
+        job.worker, job.worker_name = worker.id, worker.name
+        job.lease_until = time.monotonic() + lease_s
+        worker.jobs.add(job.id)
+        job.mark("SCHEDULED")
+
+    def pull_worker(self, name: str, models: list[str], owner_id: int, context: int) -> WorkerConn:
+        """A Horde-style worker that polls over HTTP, registered (or refreshed) each time it pops."""
+        worker = next((w for w in self.catalog.workers.values() if w.channel is None and w.name == name), None)
+        if worker is None:
+            worker = WorkerConn(f"h{next(self._worker_ids)}", name, None, {}, slots=1, state="ONLINE",
+                                owner_id=owner_id)
+            self.catalog.add(worker)
+        worker.models = {m: {"name": m, "layers": [0, 1], "n_layers": 1, "context": context} for m in models}
+        worker.last_seen = time.monotonic()
+        return worker
+
+    def pop(self, worker: WorkerConn, max_tokens: int, ttl_s: float) -> Job | None:
+        """The next job a polling worker can take: a text prompt within its max_tokens."""
+        def fits(job: Job) -> bool:
+            return isinstance(job.prompt, str) and (job.params.get("max_tokens") or 0) <= max_tokens
+
+        job = self.queue.pop_for(set(worker.models), fits)
+        if job is not None:
+            self._hand(job, worker, ttl_s)
+        return job
+
+    async def complete(self, worker: WorkerConn | None, job_id: str, text: str, faulted: bool) -> Job:
+        """A polling worker's result. KeyError: no such job; ValueError: it is done or not this worker's."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise (ValueError("DuplicateGen") if job_id in self.finished else KeyError(job_id))
+        if worker is None or job.worker != worker.id:
+            raise ValueError("AbortedGen")
+        if faulted:
+            await self._reassign(job, f"worker {worker.name} reported a fault")
+            return job
+        job.deliver({"type": "tokens", "job": job.id, "kind": "text", "text": text, "token_ids": [], "logprobs": None})
+        stats = {"prompt_tokens": -(-len(job.prompt) // 4), "completion_tokens": -(-len(text) // 4),
+                 "cache_delta": {"read": 0, "created": 0}}
+        done = {"type": "done", "job": job.id, "finish_reason": "stop", "error": None, "stats": stats}
+        if self.on_done is not None:
+            self.on_done(job, worker, done)
+        self._end(job, done)
+        return job
 
     async def _ack(self, job: Job, n: int) -> None:
         worker = self.catalog.workers.get(job.worker or "")
@@ -179,6 +230,8 @@ class Coordinator:
             await self._send(worker, {"type": "ack", "job": job.id, "n": n})
 
     async def _send(self, worker: WorkerConn, msg: Message) -> None:
+        if worker.channel is None:
+            return
         try:
             await worker.channel.send(msg)
         except ChannelClosed:

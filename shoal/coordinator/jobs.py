@@ -25,6 +25,8 @@ class Job:
     arrival: int = 0
     state: str = "RECEIVED"
     worker: str | None = None
+    worker_name: str | None = None
+    reward: float = 0.0
     times: dict[str, float] = field(default_factory=dict)
     result: Message | None = None
     retries: int = 0

@@ -1,5 +1,6 @@
 import heapq
 import itertools
+from collections.abc import Callable
 
 from shoal.coordinator.jobs import Job
 
@@ -19,6 +20,9 @@ class JobQueue:
         heapq.heappush(self._heap, (job.priority, -job.kudos, job.arrival, job))
         job.mark("QUEUED")
 
+    def ordered(self) -> list[Job]:
+        return [entry[-1] for entry in sorted(self._heap)]
+
     def remove(self, job: Job) -> bool:
         kept = [entry for entry in self._heap if entry[-1] is not job]
         found = len(kept) < len(self._heap)
@@ -26,10 +30,10 @@ class JobQueue:
         heapq.heapify(self._heap)
         return found
 
-    def pop_for(self, models: set[str]) -> Job | None:
-        """The first job for any of these models."""
-        for entry in sorted(self._heap):
-            if entry[-1].model in models:
-                self.remove(entry[-1])
-                return entry[-1]
+    def pop_for(self, models: set[str], accept: Callable[[Job], bool] = lambda job: True) -> Job | None:
+        """The first job for any of these models that `accept` takes."""
+        for job in self.ordered():
+            if job.model in models and accept(job):
+                self.remove(job)
+                return job
         return None

@@ -6,11 +6,14 @@ from shoal.worker.channel import Message, Transport
 
 @dataclass(eq=False)
 class WorkerConn:
-    """A connected worker as the coordinator sees it: what it holds, how many jobs it will take now."""
+    """A connected worker as the coordinator sees it: what it holds, how many jobs it will take now.
+
+    A Horde-style worker that polls over HTTP instead of holding a connection has no channel.
+    """
 
     id: str
     name: str
-    channel: Transport
+    channel: Transport | None
     models: dict[str, dict]
     slots: int
     credit: int = 0

@@ -60,10 +60,13 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def job_reward(tokens: int, params_b: float, prompt_chars: int = 0) -> float:
-    """Kudos for generating `tokens` on a model of `params_b` billion parameters, as the AI Horde computes it."""
+def job_reward(tokens: int, params_b: float | None, prompt_chars: int = 0) -> float:
+    """Kudos for generating `tokens` on a model of `params_b` billion parameters (None: unknown), as the AI
+    Horde computes it."""
     ctx = max(20, math.ceil(prompt_chars / 4))
     ctx_mult = min(30.0, max(0.1, 1.2 + 2.2 ** math.log2(ctx / 1024)))
+    if params_b is None:
+        return round(tokens * ctx_mult * 0.027, 2)
     return round(tokens * (max(params_b, 13) / 13) ** 0.2 * params_b / 125 * ctx_mult, 2)
 
 
