@@ -55,7 +55,7 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(server.coordinator.watch())]
+        tasks = [asyncio.create_task(server.coordinator.watch()), asyncio.create_task(server.pay_uptime())]
         local = None
         if settings.local_worker:
             local = engine or await asyncio.to_thread(Engine.from_dir, settings.model, settings.engine)

@@ -1,6 +1,7 @@
 """The coordinator against scripted workers speaking the worker protocol over in-process channels."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -123,3 +124,24 @@ def test_a_queued_job_can_be_cancelled_and_malformed_messages_get_an_error():
     assert queued.result["finish_reason"] == "cancelled"
     assert [e["type"] for e in errors] == ["error", "error"] and "tokens" in errors[0]["error"]
     assert assign["job"] == job.id
+
+
+def test_a_worker_that_drops_too_many_jobs_serves_only_its_owner():
+    async def go():
+        c = Coordinator()
+        worker, end = channel_pair()
+        serving = asyncio.create_task(c.attach(end, owner_id=7))
+        await worker.send(HELLO)
+        await worker.send({"type": "credit", "n": 0})
+        await asyncio.sleep(0)
+        c.drops["fake"] = [time.monotonic()] * 21
+        stranger = await c.submit("m", "a", {}, user_id=3)
+        owners = await c.submit("m", "b", {}, user_id=7)
+        await worker.send({"type": "credit", "n": 2})
+        assign = await worker.recv()
+        await asyncio.sleep(0.01)
+        serving.cancel()
+        return assign, stranger, owners
+
+    assign, stranger, owners = run(go())
+    assert assign["job"] == owners.id and stranger.state == "QUEUED"

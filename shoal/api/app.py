@@ -1,3 +1,4 @@
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,19 @@ class Server:
 
     def __post_init__(self) -> None:
         self.coordinator.on_done = self.settle
+
+    async def pay_uptime(self, every_s: float = 600.0) -> None:
+        """Forever: every 10 minutes, each online worker with an owner earns uptime kudos, as on the Horde."""
+        while True:
+            await asyncio.sleep(every_s)
+            for worker in list(self.coordinator.catalog.workers.values()):
+                if worker.owner_id is None or worker.state != "ONLINE" or self.coordinator.in_maintenance(worker):
+                    continue
+                info = next(iter(worker.models.values()), {})
+                base = 25 + 15 * min(info.get("context", 0), 262_144) / 1024
+                params_b = info.get("params_b")
+                reward = base * 0.5 if params_b is None else base * max(params_b / 7, 0.25)
+                self.ledger.transfer(worker.owner_id, round(reward, 2), "uptime", worker=worker.name)
 
     def account(self, request: Request) -> Account:
         """The ledger user the request's API key belongs to; anonymous for no key or one the ledger lacks."""

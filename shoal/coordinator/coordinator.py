@@ -14,6 +14,7 @@ from shoal.coordinator.workers import Catalog, WorkerConn
 from shoal.worker.channel import ChannelClosed, Message, Transport
 
 log = logging.getLogger("shoal.coordinator")
+MAX_DROPS = 20  # jobs a worker may drop in an hour before it serves only its owner, as on the Horde
 PULL_STALE_S = 300.0  # a polling worker is forgotten after this long without a pop, as the Horde does
 
 
@@ -43,6 +44,7 @@ class Coordinator:
         self.queue = JobQueue()
         self.jobs: dict[str, Job] = {}
         self.finished: dict[str, None] = {}  # recent finished job ids, oldest first
+        self.drops: dict[str, list[float]] = {}  # worker name -> when its jobs had to be moved
         self.max_queue, self.lease_s, self.liveness_s, self.max_retries = max_queue, lease_s, liveness_s, max_retries
         self._worker_ids = itertools.count(1)
 
@@ -114,7 +116,19 @@ class Coordinator:
         for job in jobs:
             await self._reassign(job, f"worker {worker.name} {why}")
 
+    def in_maintenance(self, worker: WorkerConn) -> bool:
+        """A worker that dropped more than MAX_DROPS jobs in the last hour serves only its owner."""
+        drops = self.drops.get(worker.name, [])
+        drops[:] = [t for t in drops if time.monotonic() - t < 3600]
+        return len(drops) > MAX_DROPS
+
+    def _takes(self, worker: WorkerConn) -> Callable[[Job], bool]:
+        maintenance = self.in_maintenance(worker)
+        return lambda job: not maintenance or job.user_id == worker.owner_id
+
     async def _reassign(self, job: Job, why: str) -> None:
+        if job.worker_name:
+            self.drops.setdefault(job.worker_name, []).append(time.monotonic())
         old = self.catalog.workers.get(job.worker or "")
         if old is not None:
             old.jobs.discard(job.id)
@@ -171,7 +185,8 @@ class Coordinator:
 
     async def _dispatch(self) -> None:
         for worker in self.catalog.with_credit():
-            while worker.credit > 0 and (job := self.queue.pop_for(set(worker.models))) is not None:
+            takes = self._takes(worker)
+            while worker.credit > 0 and (job := self.queue.pop_for(set(worker.models), takes)) is not None:
                 worker.credit -= 1
                 self._hand(job, worker, self.lease_s)
                 await self._send(worker, {"type": "assign", "job": job.id, "model": job.model, "prompt": job.prompt,
@@ -197,8 +212,10 @@ class Coordinator:
 
     def pop(self, worker: WorkerConn, max_tokens: int, ttl_s: float) -> Job | None:
         """The next job a polling worker can take: a text prompt within its max_tokens."""
+        takes = self._takes(worker)
+
         def fits(job: Job) -> bool:
-            return isinstance(job.prompt, str) and (job.params.get("max_tokens") or 0) <= max_tokens
+            return isinstance(job.prompt, str) and (job.params.get("max_tokens") or 0) <= max_tokens and takes(job)
 
         job = self.queue.pop_for(set(worker.models), fits)
         if job is not None:

@@ -52,4 +52,6 @@ class Catalog:
         return out
 
     def with_credit(self) -> list[WorkerConn]:
-        return [w for w in self.workers.values() if w.credit > 0 and w.state == "ONLINE"]
+        """Workers that can start a job now, the fastest first (tokens/s from their heartbeats)."""
+        ready = [w for w in self.workers.values() if w.credit > 0 and w.state == "ONLINE"]
+        return sorted(ready, key=lambda w: -w.snapshot.get("tokens_per_s", 0.0))
