@@ -75,6 +75,7 @@ class WaitingPrompt:
     created: float = field(default_factory=time.time)
     generations: list[dict] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    finished: asyncio.Future | None = None
 
 
 def _account(request: Request, apikey: str | None) -> Account:
@@ -132,7 +133,8 @@ async def generate_async(body: AsyncRequest, request: Request,
         raise HordeError(400, str(e), "NoValidWorkers") from e
     wp = WaitingPrompt(str(uuid.uuid4()), model, jobs)
     wp.tasks = [asyncio.create_task(_collect(wp, job)) for job in jobs]
-    asyncio.gather(*wp.tasks).add_done_callback(lambda _: ticket.release())
+    wp.finished = asyncio.gather(*wp.tasks)
+    wp.finished.add_done_callback(lambda _: ticket.release())
     _board(request)[wp.id] = wp
     return {"id": wp.id, "kudos": 0}
 

@@ -62,6 +62,8 @@ class WorkerAgent:
             task.add_done_callback(self._tasks.discard)
         elif kind == "cancel":
             self.engine.cancel(msg["job"])
+            for _ in range(self.window if msg["job"] in self._windows else 0):
+                self._windows[msg["job"]].release()  # nobody will ack now: let the job run to its end
         elif kind == "ack" and msg["job"] in self._windows:
             for _ in range(msg["n"]):
                 self._windows[msg["job"]].release()
