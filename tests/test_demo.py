@@ -10,10 +10,10 @@ from shoal.model.tokenizer import Tokenizer
 
 # Arithmetic pairs held out of training (see scripts/demo_tasks.py), in trained and held-out phrasings
 HELD_OUT = [
-    ("What is 39 + 12?", "39 + 12 = 51"),
-    ("How much is 88 plus 65?", "88 + 65 = 153"),
-    ("Compute 94 minus 47.", "94 - 47 = 47"),
-    ("How much is 50 minus 89?", "50 - 89 = -39"),
+    ("What is 31 + 75?", "31 + 75 = 106"),
+    ("How much is 33 plus 61?", "33 + 61 = 94"),
+    ("Compute 32 minus 90.", "32 - 90 = -58"),
+    ("How much is 34 minus 21?", "34 - 21 = 13"),
     ("Tell me the capital of Kenya.", "The capital of Kenya is Nairobi."),
     ("Please name the capital city of Norway.", "The capital of Norway is Oslo."),
     ("Which city is the capital of Argentina?", "The capital of Argentina is Buenos Aires."),
