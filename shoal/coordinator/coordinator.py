@@ -75,6 +75,7 @@ class Coordinator:
         kind = msg.get("type")
         if kind == "credit":
             worker.credit = max(0, worker.credit + int(msg["n"])) if worker.state != "DRAINING" else 0
+            worker.credit_at = time.monotonic()
             worker.state = "ONLINE" if worker.state == "JOINING" else worker.state
             await self._dispatch()
         elif kind == "heartbeat":
@@ -194,6 +195,7 @@ class Coordinator:
                                           "priority": job.priority, "lease_s": self.lease_s})
 
     def _hand(self, job: Job, worker: WorkerConn, lease_s: float) -> None:
+        job.scheduling_s = time.monotonic() - max(job.times["RECEIVED"], worker.credit_at)
         job.worker, job.worker_name = worker.id, worker.name
         job.lease_until = time.monotonic() + lease_s
         worker.jobs.add(job.id)
@@ -207,7 +209,7 @@ class Coordinator:
                                 owner_id=owner_id)
             self.catalog.add(worker)
         worker.models = {m: {"name": m, "layers": [0, 1], "n_layers": 1, "context": context} for m in models}
-        worker.last_seen = time.monotonic()
+        worker.last_seen = worker.credit_at = time.monotonic()
         return worker
 
     def pop(self, worker: WorkerConn, max_tokens: int, ttl_s: float) -> Job | None:

@@ -7,6 +7,7 @@ from typing import Any
 from shoal.worker.channel import Message
 
 TERMINAL = ("COMPLETED", "FAILED")
+ACK_EVERY = 8  # well under the worker's window of unacknowledged messages
 
 
 @dataclass(eq=False)
@@ -27,6 +28,8 @@ class Job:
     worker: str | None = None
     worker_name: str | None = None
     reward: float = 0.0
+    scheduling_s: float = 0.0
+    unacked: int = 0
     times: dict[str, float] = field(default_factory=dict)
     result: Message | None = None
     retries: int = 0
@@ -90,14 +93,20 @@ class Job:
         if self.result is not None and self.messages.empty():
             raise StopAsyncIteration
         msg = await self.messages.get()
-        if msg["type"] == "tokens" and self.ack is not None:
-            await self.ack(self, 1)
+        self.unacked += msg["type"] == "tokens"
+        # Acknowledge in groups while the reader is behind, at once when it has caught up or at the end.
+        if self.unacked and self.ack is not None and (self.unacked >= ACK_EVERY or self.messages.empty()
+                                                      or msg["type"] == "done"):
+            await self.ack(self, self.unacked)
+            self.unacked = 0
         return msg
 
     def budget(self) -> dict[str, float]:
-        """Milliseconds spent in each stage: coordinator scheduling, then the worker's own stages."""
+        """Milliseconds spent in each stage. Scheduling is the coordinator's own work; waiting for a worker
+        to have room, in the coordinator and then in the engine, is queue."""
         t = self.times
         stats = (self.result or {}).get("stats") or {}
-        scheduled = t.get("SCHEDULED", t["RECEIVED"])
-        return {"scheduling_ms": 1000 * (scheduled - t["RECEIVED"]), "queue_ms": stats.get("queue_ms", 0.0),
-                "prefill_ms": stats.get("prefill_ms", 0.0), "decode_ms": stats.get("decode_ms", 0.0)}
+        waited = t.get("SCHEDULED", t["RECEIVED"]) - t["RECEIVED"]
+        return {"scheduling_ms": 1000 * self.scheduling_s, "queue_ms": 1000 * (waited - self.scheduling_s)
+                + stats.get("queue_ms", 0.0), "prefill_ms": stats.get("prefill_ms", 0.0),
+                "decode_ms": stats.get("decode_ms", 0.0)}

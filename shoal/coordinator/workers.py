@@ -22,6 +22,7 @@ class WorkerConn:
     last_seen: float = field(default_factory=time.monotonic)
     state: str = "JOINING"
     owner_id: int | None = None
+    credit_at: float = 0.0
 
     @classmethod
     def from_hello(cls, worker_id: str, channel: Transport, hello: Message, owner_id: int | None) -> "WorkerConn":
