@@ -68,31 +68,47 @@ def level(url: str, pid: int, n: int, requests: int, tokens: int) -> dict:
     return {"tok_s": round(served / wall, 1), "coordinator_cpu_s_per_1k_tokens": round(1000 * cpu / served, 3)}
 
 
-def failover(url: str) -> float:
-    first = start_workers(url, 1)[0]
+async def failover(url: str) -> float:
+    """Stop the worker streaming a job, let what it already sent arrive, start a second worker, then kill the
+    first: the time from its death to new text on the same stream."""
+    first, second = start_workers(url, 1)[0], None
     wait_workers(url, 1)
     body = {"model": "demo", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 400,
             "ignore_eos": True, "stream": True, "temperature": 0.7, "seed": 1}
-    second = None
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-            lines = response.iter_lines()
-            for line in lines:
-                if '"content"' in line:
-                    break
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http, \
+                http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines: asyncio.Queue[str] = asyncio.Queue()
+
+            async def read() -> None:
+                async for line in response.aiter_lines():
+                    if '"content"' in line:
+                        await lines.put(line)
+
+            reader = asyncio.create_task(read())
+            await lines.get()
+            first.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                while True:
+                    await asyncio.wait_for(lines.get(), 0.3)
+            except TimeoutError:
+                pass
             second = start_workers(url, 1)[0]
-            wait_workers(url, 2)
+            while sum(m["workers"] for m in (await http.get("/v1/models")).json()["data"]) < 2:
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - stopped < 5, "the stopped worker would be dropped for silence first"
             first.send_signal(signal.SIGKILL)
             killed = time.perf_counter()
-            for line in lines:
-                if '"content"' in line:
-                    return time.perf_counter() - killed
+            await lines.get()
+            elapsed = time.perf_counter() - killed
+            reader.cancel()
+            return elapsed
     finally:
         for w in (first, second):
             if w is not None:
                 w.kill()
                 w.wait()
-    raise RuntimeError("the stream never moved again")
 
 
 def main() -> None:
@@ -107,7 +123,7 @@ def main() -> None:
         report = {"model": "demo", "cores": os.cpu_count(), "requests": args.requests, "tokens": args.tokens,
                   "workers": {n: level(url, proc.pid, int(n), args.requests, args.tokens)
                               for n in args.levels.split(",")},
-                  "failover_s": round(failover(url), 3)}
+                  "failover_s": round(asyncio.run(failover(url)), 3)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
