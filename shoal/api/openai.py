@@ -99,6 +99,13 @@ class Run:
                 raise APIError(status, msg["error"], code=msg["code"])
 
     async def messages(self) -> AsyncIterator[tuple[int, Message]]:
+        if len(self.jobs) == 1:  # the common case needs no merging task
+            self._apply(0, self.first[0])
+            yield 0, self.first[0]
+            async for msg in self.jobs[0]:
+                self._apply(0, msg)
+                yield 0, msg
+            return
         queue: asyncio.Queue[tuple[int, Message | None]] = asyncio.Queue()
 
         async def pump(i: int, job: Job) -> None:
