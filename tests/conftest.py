@@ -114,3 +114,20 @@ def server_url():
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture
+def make_engine():
+    """Engines on the demo model (or a given directory), closed after the test."""
+    from shoal.engine import Engine, EngineConfig
+    from shoal.model import DEMO_PATH
+
+    engines = []
+
+    def make(path=DEMO_PATH, **config) -> Engine:
+        engines.append(Engine.from_dir(path, EngineConfig(**config)))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
