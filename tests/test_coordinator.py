@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shoal.coordinator.coordinator import Coordinator, ModelNotFound, NoCapacity
+from shoal.coordinator.coordinator import Coordinator, ModelNotFound, NoCapacity, TooLong
 from shoal.worker.channel import channel_pair
 
 HELLO = {"type": "hello", "name": "fake", "version": "0", "slots": 2,
@@ -13,9 +13,13 @@ HELLO = {"type": "hello", "name": "fake", "version": "0", "slots": 2,
 
 
 async def connect(coordinator: Coordinator, credit: int = 1):
+    return await connect_with(coordinator, HELLO, credit)
+
+
+async def connect_with(coordinator: Coordinator, hello: dict, credit: int = 0):
     worker, end = channel_pair()
     task = asyncio.create_task(coordinator.attach(end))
-    await worker.send(HELLO)
+    await worker.send(hello)
     await worker.send({"type": "credit", "n": credit})
     await asyncio.sleep(0)
     return worker, task
@@ -145,3 +149,24 @@ def test_a_worker_that_drops_too_many_jobs_serves_only_its_owner():
 
     assign, stranger, owners = run(go())
     assert assign["job"] == owners.id and stranger.state == "QUEUED"
+
+
+def test_a_job_goes_only_to_a_worker_whose_context_fits_it():
+    async def go():
+        c = Coordinator()
+        worker, _ = await connect(c, credit=0)
+        with pytest.raises(TooLong, match="context"):
+            await c.submit("m", "x" * 4000, {"max_tokens": 100})
+        big_hello = {**HELLO, "name": "wide", "models": [{**HELLO["models"][0], "context": 4096}]}
+        wide_worker, wide_task = await connect_with(c, big_hello)
+        big = await c.submit("m", "x" * 4000, {"max_tokens": 100})
+        small = await c.submit("m", "hi", {"max_tokens": 100})
+        await worker.send({"type": "credit", "n": 2})
+        assign = await worker.recv()
+        await wide_worker.send({"type": "credit", "n": 1})
+        wide_assign = await wide_worker.recv()
+        wide_task.cancel()
+        return assign, wide_assign, big, small
+
+    assign, wide_assign, big, small = run(go())
+    assert assign["job"] == small.id and wide_assign["job"] == big.id

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shoal import __version__
 from shoal.api.errors import HordeError
 from shoal.coordinator.admission import RateLimited, client_key
-from shoal.coordinator.coordinator import ModelNotFound, NoCapacity
+from shoal.coordinator.coordinator import ModelNotFound, NoCapacity, TooLong
 from shoal.coordinator.jobs import Job
 from shoal.store.ledger import Account
 
@@ -131,6 +131,9 @@ async def generate_async(body: AsyncRequest, request: Request,
     except (ModelNotFound, NoCapacity) as e:
         ticket.release(0)
         raise HordeError(400, str(e), "NoValidWorkers") from e
+    except TooLong as e:
+        ticket.release(0)
+        raise HordeError(400, str(e), "TokenOverflow") from e
     wp = WaitingPrompt(str(uuid.uuid4()), model, jobs)
     wp.tasks = [asyncio.create_task(_collect(wp, job)) for job in jobs]
     wp.finished = asyncio.gather(*wp.tasks)

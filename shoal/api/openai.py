@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from shoal.api.errors import APIError
 from shoal.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from shoal.coordinator.admission import Ticket
-from shoal.coordinator.coordinator import ModelNotFound, NoCapacity
+from shoal.coordinator.coordinator import ModelNotFound, NoCapacity, TooLong
 from shoal.coordinator.jobs import Job
 from shoal.worker.channel import Message
 
@@ -68,6 +68,9 @@ async def _complete(request: Request, body: SamplingFields, prompt: object, chat
     except NoCapacity as e:
         await run.close()
         raise APIError(503, str(e), code="no_capacity") from e
+    except TooLong as e:
+        await run.close()
+        raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from e
     except BaseException:
         await run.close()
         raise

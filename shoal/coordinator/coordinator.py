@@ -18,6 +18,17 @@ MAX_DROPS = 20  # jobs a worker may drop in an hour before it serves only its ow
 PULL_STALE_S = 300.0  # a polling worker is forgotten after this long without a pop, as the Horde does
 
 
+def needed(prompt: Any, params: dict) -> int:
+    """A low estimate of the context a job needs: exact for token ids, else six characters a token (real
+    tokenizers give fewer), so that only jobs clearly too big for a worker are kept from it."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        length = len(prompt)
+    else:
+        text = prompt if isinstance(prompt, str) else "".join(str(m.get("content", "")) for m in prompt)
+        length = len(text) // 6
+    return length + (params.get("max_tokens") or 0)
+
+
 class ModelNotFound(Exception):
     def __init__(self, model: str, available: list[str]):
         super().__init__(f"model {model!r} does not exist; available: {', '.join(available) or 'none'}")
@@ -26,6 +37,10 @@ class ModelNotFound(Exception):
 
 class NoCapacity(Exception):
     """No online worker can run the job now, or the queue is full."""
+
+
+class TooLong(ValueError):
+    """The job cannot fit the context of any worker serving its model."""
 
 
 class Coordinator:
@@ -124,8 +139,15 @@ class Coordinator:
         return len(drops) > MAX_DROPS
 
     def _takes(self, worker: WorkerConn) -> Callable[[Job], bool]:
+        """Which queued jobs this worker may take: those that fit its context, and only its owner's while it is
+        in maintenance."""
         maintenance = self.in_maintenance(worker)
-        return lambda job: not maintenance or job.user_id == worker.owner_id
+
+        def takes(job: Job) -> bool:
+            fits = needed(job.prompt, job.params) <= worker.models.get(job.model, {}).get("context", 0)
+            return fits and (not maintenance or job.user_id == worker.owner_id)
+
+        return takes
 
     async def _reassign(self, job: Job, why: str) -> None:
         if job.worker_name:
@@ -166,6 +188,10 @@ class Coordinator:
             raise ModelNotFound(model, sorted(models))
         if not models[model]["workers"]:
             raise NoCapacity(f"no online worker serves {model!r} now")
+        contexts = [w.models[model]["context"] for w in self.catalog.workers.values() if model in w.models]
+        if needed(prompt, params) > max(contexts):
+            raise TooLong(f"the prompt and max_tokens need at least {needed(prompt, params)} tokens; the largest "
+                          f"context serving {model!r} is {max(contexts)} tokens")
         if len(self.queue) >= self.max_queue:
             raise NoCapacity(f"the queue is full ({self.max_queue} jobs)")
         # A fixed seed lets another worker regenerate the same tokens if this job has to move.
