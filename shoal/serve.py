@@ -12,12 +12,11 @@ from fastapi import FastAPI
 
 from shoal import logs
 from shoal.api.app import Server, create_app
-from shoal.api.workers import hash_token
 from shoal.coordinator.admission import Admission, ApiKeys, Limits
 from shoal.coordinator.coordinator import Coordinator
 from shoal.engine import Engine, EngineConfig
 from shoal.model import DEMO_PATH
-from shoal.store.ledger import Ledger
+from shoal.store.ledger import Ledger, digest
 from shoal.worker.agent import WorkerAgent
 from shoal.worker.channel import channel_pair
 
@@ -50,7 +49,7 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     # Private mode writes nothing of a request to disk, the ledger's job rows included.
     ledger = Ledger("sqlite://" if settings.private else settings.db)
     server = Server(Coordinator(), Admission(settings.limits), keys, private=settings.private,
-                    worker_tokens={hash_token(t) for t in settings.worker_tokens}, ledger=ledger)
+                    worker_tokens={digest(t) for t in settings.worker_tokens}, ledger=ledger)
     app = create_app(server)
 
     @contextlib.asynccontextmanager

@@ -88,10 +88,10 @@ def _account(request: Request, apikey: str | None) -> Account:
     return account
 
 
-def _uuid(value: str) -> str:
+def _uuid(value: str, dashed: bool = True) -> str:
     """Ids go out in the Horde's dashed UUID form; either form comes back in."""
     try:
-        return str(uuid.UUID(value))
+        return str(uuid.UUID(value)) if dashed else uuid.UUID(value).hex
     except ValueError:
         return value
 
@@ -209,7 +209,7 @@ async def pop(body: PopRequest, request: Request, apikey: str | None = Header(No
 @router.post("/generate/text/submit")
 async def submit(body: SubmitRequest, request: Request, apikey: str | None = Header(None)) -> dict:
     coordinator, user = request.app.state.server.coordinator, _account(request, apikey)
-    job_id = uuid.UUID(body.id).hex if _uuid(body.id) != body.id or len(body.id) == 36 else body.id
+    job_id = _uuid(body.id, dashed=False)
     job = coordinator.jobs.get(job_id)
     worker = coordinator.catalog.workers.get(job.worker or "") if job else None
     if worker is not None and worker.owner_id != user.id:

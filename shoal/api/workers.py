@@ -1,19 +1,15 @@
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from shoal.store.ledger import digest
 from shoal.worker.channel import ChannelClosed, Message
 
 router = APIRouter(tags=["workers"])
 log = logging.getLogger("shoal.api.workers")
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class WebSocketTransport:
@@ -50,7 +46,7 @@ async def connect(ws: WebSocket) -> None:
     scheme, _, token = (ws.headers.get("authorization") or "").partition(" ")
     token = token if scheme.lower() == "bearer" else ""
     owner = server.ledger.worker_owner(token) if token else None
-    if owner is None and not any(hmac.compare_digest(hash_token(token), known) for known in server.worker_tokens):
+    if owner is None and not any(hmac.compare_digest(digest(token), known) for known in server.worker_tokens):
         await ws.close(code=1008, reason="unknown worker token")
         return
     await ws.accept()

@@ -189,8 +189,8 @@ class Coordinator:
         if not models[model]["workers"]:
             raise NoCapacity(f"no online worker serves {model!r} now")
         contexts = [w.models[model]["context"] for w in self.catalog.workers.values() if model in w.models]
-        if needed(prompt, params) > max(contexts):
-            raise TooLong(f"the prompt and max_tokens need at least {needed(prompt, params)} tokens; the largest "
+        if (tokens := needed(prompt, params)) > max(contexts):
+            raise TooLong(f"the prompt and max_tokens need at least {tokens} tokens; the largest "
                           f"context serving {model!r} is {max(contexts)} tokens")
         if len(self.queue) >= self.max_queue:
             raise NoCapacity(f"the queue is full ({self.max_queue} jobs)")

@@ -3,8 +3,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
-
 
 @dataclass
 class Stats:
