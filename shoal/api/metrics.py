@@ -25,6 +25,9 @@ class Metrics:
         self.rate_limited = Counter("shoal_rate_limited", "Requests refused by fair use", ["limit"], registry=r)
         self.hit_rate = Gauge("shoal_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache", registry=r)
         self.kv_usage = Gauge("shoal_kv_cache_usage", "Fraction of KV blocks in use", registry=r)
+        self.kv_disk = Gauge("shoal_kv_disk", "The prefix cache's disk tier, summed over workers: hits, misses, "
+                             "saves by reason, dropped saves, evictions, corrupt files, bytes, load and save times",
+                             ["stat"], registry=r)
 
     def observe_done(self, stats: dict | None, finish_reason: str, budget: dict[str, float]) -> None:
         self.finished.labels(finish_reason).inc()
@@ -46,4 +49,6 @@ class Metrics:
             self.hit_rate.set(sum(e["prefix_cache_hit_rate"] for e in engines) / len(engines))
             used = sum(e["kv_blocks_used"] for e in engines)
             self.kv_usage.set(used / max(1, used + sum(e["kv_blocks_free"] for e in engines)))
+        for stat in {k for e in engines for k in e.get("kv_disk", {})}:
+            self.kv_disk.labels(stat).set(sum(e.get("kv_disk", {}).get(stat, 0) for e in engines))
         return generate_latest(self.registry)

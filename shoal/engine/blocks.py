@@ -1,5 +1,6 @@
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.engine.sequence import Sequence
@@ -10,6 +11,8 @@ class Block:
     id: int
     ref: int = 0
     keys: list[bytes] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # of a full block: its tokens and its chain's key before it
+    parent: bytes = b""
 
 
 def _token(t: int) -> bytes:
@@ -44,6 +47,7 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self.on_evict: Callable[[int], None] | None = None  # a full cached block is about to be reused
 
     @property
     def num_free(self) -> int:
@@ -58,6 +62,9 @@ class BlockManager:
         block_id = next(iter(self.free_ids)) if block_id is None else block_id
         del self.free_ids[block_id]
         block = self.blocks[block_id]
+        if block.tokens and self.on_evict is not None:
+            self.on_evict(block_id)
+        block.tokens = []
         for key in block.keys:
             del self.cache[key]
         block.keys, block.ref = [], 1
@@ -103,6 +110,17 @@ class BlockManager:
         self.hit_tokens += seq.num_computed
         return copies
 
+    def peek(self, tokens: list[int]) -> int:
+        """How many of tokens[:-1] the cache holds, without taking anything."""
+        usable, bs, parent = tokens[:-1], self.block_size, self.root
+        for start in range(0, len(usable), bs):
+            keys = prefix_keys(parent, usable[start:start + bs])
+            _, n = self._longest(keys)
+            if n < bs:
+                return start + n
+            parent = keys[-1]
+        return len(usable)
+
     def can_grow(self, seq: Sequence, n: int) -> bool:
         return self._needed(seq, n) <= self.num_free
 
@@ -128,6 +146,8 @@ class BlockManager:
     def _publish(self, block_id: int, parent: bytes, tokens: list[int], seq: Sequence) -> bytes:
         block = self.blocks[block_id]
         keys = prefix_keys(parent, tokens)
+        if len(tokens) == self.block_size and not block.tokens and keys[-1] not in self.cache:
+            block.tokens, block.parent = list(tokens), parent
         for n, key in enumerate(keys, 1):
             if key not in self.cache:
                 self.cache[key] = (block_id, n)
@@ -144,6 +164,17 @@ class BlockManager:
                 if not block.keys:
                     self.free_ids.move_to_end(block_id, last=False)
         seq.block_table, seq.num_computed, seq.num_registered, seq.chain = [], 0, 0, self.root
+
+    def chain(self, block_id: int) -> list[int] | None:
+        """The full blocks from the start of the context to this one, while they are all still cached."""
+        ids, parent = [block_id], self.blocks[block_id].parent
+        while parent != self.root:
+            found = self.cache.get(parent)
+            if found is None or found[1] != self.block_size or not self.blocks[found[0]].tokens:
+                return None
+            ids.append(found[0])
+            parent = self.blocks[found[0]].parent
+        return ids[::-1]
 
     def keys(self, tokens: list[int]) -> list[str]:
         """The prefix-cache key of tokens[:1], tokens[:2], ... (a finished context's key is its last)."""

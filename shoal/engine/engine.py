@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from shoal.engine.blocks import BlockManager
+from shoal.engine.disk import DiskCache
 from shoal.engine.events import Event, RequestStream, Stats
 from shoal.engine.params import EngineError, SamplingParams, StickyBusy
 from shoal.engine.runner import Runner, num_blocks_for
 from shoal.engine.sampler import Sampler
+from shoal.engine.saves import Saver
 from shoal.engine.scheduler import Scheduler
-from shoal.engine.sequence import Sequence, State
+from shoal.engine.sequence import Sequence, State, at_length, ends_on
 from shoal.engine.stream import TextStream, marker_ids
 from shoal.model import Transformer, load_model
 from shoal.model.errors import ModelError
@@ -31,6 +33,29 @@ log = logging.getLogger("shoal.engine")
 Prompt = str | list[dict] | list[int]
 
 
+def tokenize(tokenizer: Tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
+    """Token ids of text, of chat messages (through the chat template), or of ids given directly."""
+    if not isinstance(prompt, str | list):
+        raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
+    try:
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt)
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            ids = tokenizer.encode_chat(prompt)
+        elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise EngineError(f"prompt token ids outside the vocabulary of {vocab_size}: {bad[:5]}")
+        else:
+            raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
+    except ModelError as e:
+        raise EngineError(str(e)) from e
+    if not ids:
+        raise EngineError("the prompt is empty")
+    return ids
+
+
 @dataclass
 class EngineConfig:
     n_batch: int = 512
@@ -39,6 +64,10 @@ class EngineConfig:
     kv_cache_mb: float = 256
     event_queue_size: int = 64
     stall_timeout_s: float = 30.0
+    kv_disk_dir: str | None = None  # the prefix cache's disk tier; None: RAM only
+    kv_disk_gb: float = 4.0
+    save_min_tokens: int = 64
+    continued_every: int = 256
 
     @property
     def chunk(self) -> int:
@@ -68,6 +97,13 @@ class Engine:
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE, fingerprint(model))
         self.scheduler = Scheduler(self.blocks, c.n_batch, c.chunk, c.n_seq_max)
         self.runner = Runner(model, num_blocks, BLOCK_SIZE)
+        self.saver: Saver | None = None
+        if c.kv_disk_dir is not None:
+            disk = DiskCache(c.kv_disk_dir, int(c.kv_disk_gb * 2**30), self.blocks.root.hex())
+            self.saver = Saver(disk, self.blocks, self.runner.kv, c.save_min_tokens, c.continued_every)
+            self.scheduler.restore = self.saver.restore
+            self.scheduler.on_evict = lambda seq: self.saver.finish(seq, self._finish_key(seq), True, "evict")
+            self.blocks.on_evict = self.saver.evict
         self.sampler = Sampler(tokenizer.eos_token_ids)
         self.markers = marker_ids(tokenizer)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -129,33 +165,14 @@ class Engine:
             arrival = self._arrivals
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(request_id or uuid.uuid4().hex, list(ids), params, torch.Generator().manual_seed(seed),
-                       priority, session_id, arrival=arrival)
+                       priority, session_id, arrival=arrival, parent_key=parent_key)
         stream = RequestStream(seq.id, ids, loop, self.cancel)
         text = TextStream(self.tokenizer, params.stop, self.markers)
         self._commands.put(lambda: self._add(seq, stream, text))
         return stream
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        if not isinstance(prompt, str | list):
-            raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
-        try:
-            if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt)
-            elif prompt and all(isinstance(m, dict) for m in prompt):
-                ids = self.tokenizer.encode_chat(prompt)
-            elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                ids = list(prompt)
-                vocab = self.model.config.vocab_size
-                bad = [t for t in ids if not 0 <= t < vocab]
-                if bad:
-                    raise EngineError(f"prompt token ids outside the vocabulary of {vocab}: {bad[:5]}")
-            else:
-                raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
-        except ModelError as e:
-            raise EngineError(str(e)) from e
-        if not ids:
-            raise EngineError("the prompt is empty")
-        return ids
+        return tokenize(self.tokenizer, self.model.config.vocab_size, prompt)
 
     def cancel(self, request_id: str) -> None:
         self._commands.put(lambda: self._finish_id(request_id, "cancelled"))
@@ -165,8 +182,11 @@ class Engine:
         self._commands.put(lambda: self._end_session(session_id))
 
     def snapshot(self) -> dict:
-        """The engine's state as of its last tick; never waits for the model thread."""
-        return dict(self._snapshot, pending_len=self._snapshot["pending_len"] + self._commands.qsize())
+        """The engine's state as of its last tick, and the disk tier's as of now; never waits for the model thread."""
+        snap = dict(self._snapshot, pending_len=self._snapshot["pending_len"] + self._commands.qsize())
+        if self.saver is not None:  # saves land after the tick that queued them
+            snap["kv_disk"] = self.saver.stats()
+        return snap
 
     def close(self) -> None:
         """Stop the model thread; requests still in flight end with `cancelled`."""
@@ -222,6 +242,10 @@ class Engine:
     def _shutdown(self) -> None:
         for seq, _, _ in list(self._requests.values()):
             self._finish(seq, "cancelled", "the engine was closed")
+        if self.saver is not None:
+            for seq in self.scheduler.sessions.values():
+                self.saver.finish(seq, self._finish_key(seq), True, "shutdown")
+            self.saver.close()
         self._stopped = True
 
     def _end_session(self, session_id: str) -> None:
@@ -265,16 +289,17 @@ class Engine:
         seq.token_ids.append(token)
         seq.times.setdefault("FIRST_TOKEN", time.monotonic())
         self._recent.append((time.monotonic(), 1))
-        p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
+        if ends_on(token, seq.params, self.tokenizer.eos_token_ids):
             self._finish(seq, "stop")
             return
         events = [Event(kind, t) for kind, t in text.push(token)] or [Event(text.kind)]
         events[0].token_ids, events[0].logprobs = [token], None if logprobs is None else [logprobs]
         self._outbox += [(stream, event) for event in events]
-        if text.stopped:
+        if self.saver is not None:
+            self.saver.after_token(seq)
+        if text.stopped is not None:
             self._finish(seq, "stop")
-        elif len(seq.completion_ids) >= p.max_tokens or len(seq) >= self.context_len:
+        elif at_length(seq, self.context_len):
             self._finish(seq, "length")
 
     def _finish_id(self, request_id: str, reason: str) -> None:
@@ -285,14 +310,16 @@ class Engine:
         _, stream, text = self._requests.pop(seq.id)
         ended = seq.session_id in self._ended_sessions
         self._ended_sessions.discard(seq.session_id)
+        if self.saver is not None and reason != "error" and seq.block_table:
+            self.saver.finish(seq, self._finish_key(seq))
         self.scheduler.finish(seq, pin=reason != "error" and not ended)
         with self._lock:
             self._sessions_in_flight.discard(seq.session_id)
         self._outbox += [(stream, Event(kind, t)) for kind, t in text.flush()]
         seq.mark(State.FAILED if reason in ("error", "timeout") else State.COMPLETED)
-        self._outbox.append((stream, Event("final", stats=self._stats(seq, reason, error))))
+        self._outbox.append((stream, Event("final", stats=self._stats(seq, reason, error, text.stopped))))
 
-    def _stats(self, seq: Sequence, reason: str, error: str | None) -> Stats:
+    def _stats(self, seq: Sequence, reason: str, error: str | None, stop: str | None) -> Stats:
         t = seq.times
         end = t.get(State.COMPLETED.value, t.get(State.FAILED.value))
         scheduled = t.get(State.SCHEDULED.value, end)
@@ -300,7 +327,10 @@ class Engine:
         return Stats(seq.id, reason, seq.state.value, seq.num_prompt_tokens, len(seq.completion_ids),
                      seq.cache_hit_kind, {"read": seq.cached_tokens, "created": seq.created_tokens},
                      1000 * (scheduled - t[State.RECEIVED.value]), 1000 * (first - scheduled), 1000 * (end - first),
-                     self.blocks.keys(seq.token_ids)[-1], dict(t), seq.preemptions, error)
+                     self._finish_key(seq), dict(t), seq.preemptions, error, stop)
+
+    def _finish_key(self, seq: Sequence) -> str:
+        return self.blocks.keys(seq.token_ids)[-1]
 
     def _publish(self, batch: list[tuple[Sequence, int]]) -> None:
         now = time.monotonic()

@@ -1,6 +1,7 @@
 import heapq
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 
 from shoal.engine.blocks import BlockManager
 from shoal.engine.sequence import Sequence, State
@@ -22,6 +23,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.sessions: OrderedDict[str, Sequence] = OrderedDict()
         self.copies: list[tuple[int, int, int]] = []
+        self.restore: Callable[[Sequence, int], bool] | None = None  # from a lower tier, given what RAM holds
+        self.on_evict: Callable[[Sequence], None] | None = None  # a session pin about to be reclaimed
 
     def add(self, seq: Sequence) -> None:
         heapq.heappush(self.waiting, (seq.priority, seq.arrival, next(self._ties), seq))
@@ -79,7 +82,10 @@ class Scheduler:
     def _reclaim(self, seq: Sequence, n: int) -> bool:
         """Release idle session pins, least recently used first, until seq's next n tokens fit."""
         while self.sessions and not self.blocks.can_grow(seq, n):
-            self.blocks.free(self.sessions.popitem(last=False)[1])
+            pinned = self.sessions.popitem(last=False)[1]
+            if self.on_evict is not None:
+                self.on_evict(pinned)
+            self.blocks.free(pinned)
         return self.blocks.can_grow(seq, n)
 
     def preempt(self, seq: Sequence) -> None:
@@ -102,7 +108,8 @@ class Scheduler:
         else:
             if pinned:
                 self.blocks.free(pinned)
-            self.copies += self.blocks.allocate_prefix(seq)
+            if self.restore is None or not self.restore(seq, self.blocks.peek(seq.token_ids)):
+                self.copies += self.blocks.allocate_prefix(seq)
             kind = "exact" if seq.num_computed == len(seq) - 1 else "partial" if seq.num_computed else "cold"
         if first:
             seq.cache_hit_kind, seq.cached_tokens = kind, seq.num_computed

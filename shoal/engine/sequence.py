@@ -44,6 +44,7 @@ class Sequence:
     created_tokens: int = 0
     preemptions: int = 0
     paused_since: float | None = None
+    parent_key: str | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -68,3 +69,13 @@ class Sequence:
     @property
     def is_prefill(self) -> bool:
         return self.num_pending > 1
+
+
+def ends_on(token: int, params: SamplingParams, eos_token_ids: list[int]) -> bool:
+    """Whether sampling `token` ends the request with `stop` (its text never shown)."""
+    return token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids)
+
+
+def at_length(seq: Sequence, context_len: int) -> bool:
+    """Whether the request has all the tokens it may have: max_tokens, or the model's context."""
+    return len(seq.completion_ids) >= (seq.params.max_tokens or context_len) or len(seq) >= context_len
