@@ -70,10 +70,10 @@ def pull_only(tmp_path):
     proc.wait(timeout=30)
 
 
-def pop(api: str, key: dict) -> dict:
+def pop(api: str, key: dict, max_length: int = 80, max_context_length: int = 1024) -> dict:
     response = httpx.post(f"{api}/generate/text/pop", json={"name": "scribe-1", "models": ["demo"],
-                                                             "max_length": 80, "max_context_length": 1024},
-                          headers=key)
+                                                             "max_length": max_length,
+                                                             "max_context_length": max_context_length}, headers=key)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -112,3 +112,32 @@ def test_a_high_kudos_users_job_starts_before_an_older_anonymous_one(pull_only):
     assert httpx.get(f"{url}/api/v2/generate/text/status/{richer}").json()["processing"] == 1
     assert httpx.get(f"{url}/api/v2/generate/text/status/{older}").json()["waiting"] == 1
     assert first["ids"]
+
+
+def test_the_returned_text_includes_the_stop_sequence(server_url):
+    body = {"prompt": CHATML, "models": ["demo"], "params": {"max_length": 32, "temperature": 0,
+                                                              "stop_sequence": ["Peru"]}}
+    wp = httpx.post(f"{server_url}/api/v2/generate/text/async", json=body, headers=ANON)
+    assert wp.status_code == 202, wp.text
+    assert [g["text"] for g in wait_done(server_url, wp.json()["id"])["generations"]] == ["The capital of Peru"]
+
+
+def test_large_requests_need_upfront_kudos_or_a_downgrade(pull_only):
+    api, owner, rich, ledger = pull_only
+    pop(api, owner, 1024, 4096)  # the bridge worker is now known: one thread
+    body = {"prompt": "Tell a long story", "models": ["demo"], "params": {"max_length": 1024}}
+    refused = httpx.post(f"{api}/generate/text/async", json=body, headers=ANON)
+    assert (refused.status_code, refused.json()["rc"]) == (403, "KudosUpfront")
+    paid = httpx.post(f"{api}/generate/text/async", json=body, headers=rich)
+    assert paid.status_code == 202 and ledger.account(rich["apikey"]).kudos == 480  # 20 kudos held for the job
+    cut = httpx.post(f"{api}/generate/text/async", json={**body, "allow_downgrade": True}, headers=ANON)
+    assert cut.status_code == 202, cut.text
+    url = api.removesuffix("/api/v2")
+    waiting = httpx.get(f"{url}/api/v2/generate/text/status/{cut.json()['id']}").json()
+    assert waiting["queue_position"] == 2 and waiting["wait_time"] > 0
+    popped = [pop(api, owner, 1024, 4096) for _ in range(2)]
+    assert [p["payload"]["max_length"] for p in popped] == [1024, 512]  # the anonymous one was cut to 512
+    for job in popped:
+        httpx.post(f"{api}/generate/text/submit", json={"id": job["id"], "generation": "Once."}, headers=owner)
+    wait_done(url, paid.json()["id"])
+    assert 480 < ledger.account(rich["apikey"]).kudos < 500 and ledger.balanced()  # the hold came back

@@ -41,3 +41,28 @@ def test_job_reward_follows_the_horde_formula():
     # 13B, 200 tokens, a prompt long enough that the context estimate is 200 tokens: about 28.2 kudos
     assert job_reward(200, 13, prompt_chars=800) == pytest.approx(28.2, abs=0.1)
     assert job_reward(100, 0.5) < job_reward(100, 7) < job_reward(100, 70)
+
+
+def test_a_route_job_pays_each_stage_by_its_share_of_the_layers(ledger):
+    from shoal.api.app import Server
+    from shoal.coordinator.coordinator import Coordinator
+    from shoal.coordinator.jobs import Job
+    from shoal.coordinator.workers import WorkerConn
+
+    asker = ledger.create_user("asker")
+    asker_id = ledger.account(asker).id
+    ledger.transfer(asker_id, 1000.0, "grant")
+    server = Server(Coordinator(), ledger=ledger)
+    stages = [(WorkerConn(name, name, None, {"big": {"params_b": 10.0}}, 4,
+                          owner_id=ledger.worker_owner(ledger.create_worker_token(name, f"owner-{name}")).id), share)
+              for name, share in (("a", 0.25), ("b", 0.5), ("c", 0.25))]
+    job = Job("j1", "big", "hi", {}, user_id=asker_id)
+    done = {"finish_reason": "length", "stats": {"completion_tokens": 100, "prompt_tokens": 10}}
+    server.settle(job, stages, done)
+    server.settle(job, stages, done)  # a second report of the same job pays nothing more
+    with ledger.engine.connect() as c:
+        rewards = dict(c.execute(text("select worker, amount from transfers where reason='reward'")).all())
+    total = job_reward(100, 30.0, 40)  # the route's stages hold 3 x 10 B parameters
+    assert rewards == {"a": round(total / 4, 2), "b": round(total / 2, 2), "c": round(total / 4, 2)}
+    assert job.reward == pytest.approx(sum(rewards.values()))
+    assert ledger.account(asker).kudos == pytest.approx(1000 - job.reward - 1) and ledger.balanced()

@@ -3,44 +3,26 @@
 import asyncio
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import start_server
-
-SHOAL = str(Path(sys.executable).with_name("shoal"))
-TOKEN = "worker-secret"
-
-
-def start_worker(url: str, name: str, token: str = TOKEN) -> subprocess.Popen:
-    log = tempfile.NamedTemporaryFile("w+", prefix=f"shoal-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen([SHOAL, "worker", "--coordinator", url, "--token", token, "--name", name],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    proc.log_path = Path(log.name)
-    return proc
-
-
-def wait_workers(url: str, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        models = httpx.get(f"{url}/v1/models").json()["data"]
-        if sum(m["workers"] for m in models) == n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"expected {n} workers, have {models}")
+from conftest import SHOAL, TOKEN, start_server, start_worker, wait_workers
 
 
 @pytest.fixture
-def coordinator():
+def coordinator(tmp_path):
+    """A pure coordinator with a ledger file; yields its URL, a list to put worker processes in, its log and
+    the ledger (shared with the server through the file)."""
+    from shoal.store.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(db)
     url, proc = start_server("--no-local-worker", "--worker-token", TOKEN, "--rpm", "0", "--streams", "0",
-                             "--tpm", "0", ready=("ok", "no_workers"))
+                             "--tpm", "0", "--db", db, ready=("ok", "no_workers"))
     workers: list[subprocess.Popen] = []
-    yield url, workers, proc.log_path
+    yield url, workers, proc.log_path, ledger
     for w in workers:
         if w.poll() is None:
             w.kill()
@@ -49,8 +31,10 @@ def coordinator():
 
 
 def test_killing_a_worker_mid_generation_loses_no_request_and_no_text(coordinator):
-    url, workers, log = coordinator
-    workers += [start_worker(url, "w1"), start_worker(url, "w2")]
+    url, workers, log, ledger = coordinator
+    asker = ledger.create_user("asker")
+    ledger.transfer(ledger.account(asker).id, 1000.0, "grant")
+    workers += [start_worker(url, name, ledger.create_worker_token(name, "pool")) for name in ("w1", "w2")]
     wait_workers(url, 2)
     questions = [f"What is {a} + {b}?" for a, b in [(12, 30), (7, 8), (21, 14), (40, 9)]]
 
@@ -63,7 +47,7 @@ def test_killing_a_worker_mid_generation_loses_no_request_and_no_text(coordinato
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     async def all_of_them(kill: bool) -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=asker, max_retries=0, timeout=300)
         tasks = [asyncio.create_task(one(client, i)) for i in range(40)]
         if kill:
             await asyncio.sleep(1.5)
@@ -75,10 +59,17 @@ def test_killing_a_worker_mid_generation_loses_no_request_and_no_text(coordinato
     assert answers == again
     assert all(answers)
     assert '"message": "job reassigned"' in log.read_text()
+    with ledger.engine.connect() as c:
+        from sqlalchemy import text
+
+        paid = c.execute(text("select count(*), count(distinct job) from transfers where reason='reward'")).one()
+        charged = c.execute(text("select count(*) from transfers where reason='charge'")).scalar()
+    assert tuple(paid) == (80, 80) and charged == 80  # every job paid once, none twice, the killed one's included
+    assert ledger.balanced() and ledger.account(asker).kudos < 1000
 
 
 def test_a_worker_with_a_wrong_token_is_refused(coordinator):
-    url, workers, _ = coordinator
+    url, workers, *_ = coordinator
     workers.append(start_worker(url, "intruder", token="wrong"))
     deadline = time.monotonic() + 30
     while "connection failed" not in workers[0].log_path.read_text() and time.monotonic() < deadline:
@@ -114,7 +105,7 @@ def test_a_ledger_token_connects_and_its_owner_is_paid_once_per_job(tmp_path):
 
 
 def test_sigterm_drains_the_worker(coordinator):
-    url, workers, _ = coordinator
+    url, workers, *_ = coordinator
     workers.append(start_worker(url, "w1"))
     wait_workers(url, 1)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -127,3 +118,9 @@ def test_sigterm_drains_the_worker(coordinator):
     assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
     assert workers[0].wait(timeout=30) == 0
     wait_workers(url, 0)
+
+
+def test_headroom_is_a_share_of_the_machine():
+    from shoal.worker.agent import headroom
+
+    assert 0.0 <= headroom() <= 1.0

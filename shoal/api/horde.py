@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from shoal import __version__
 from shoal.api.errors import HordeError
 from shoal.coordinator.admission import RateLimited, client_key
-from shoal.coordinator.coordinator import ModelNotFound, NoCapacity, TooLong
+from shoal.coordinator.coordinator import Coordinator, ModelNotFound, NoCapacity, TooLong
 from shoal.coordinator.jobs import Job
-from shoal.store.ledger import Account
+from shoal.coordinator.workers import WorkerConn
+from shoal.store.ledger import Account, Ledger, upfront_kudos
 
 router = APIRouter(prefix="/api/v2", tags=["horde"])
 JOB_TTL_S = 150.0
@@ -46,6 +47,7 @@ class AsyncRequest(BaseModel):
     params: Params = Field(default_factory=Params)
     models: list[str] = Field(default_factory=list)
     dry_run: bool = False
+    allow_downgrade: bool = False
 
 
 class PopRequest(BaseModel):
@@ -118,6 +120,7 @@ async def generate_async(body: AsyncRequest, request: Request,
         raise HordeError(400, f"No workers serve any of {body.models or 'your models'}", "NoValidWorkers")
     if body.dry_run:
         return JSONResponse({"kudos": round((p.max_length / 125 + 1) * p.n + 1, 2)}, status_code=200)
+    upfront = _upfront(server.coordinator, server.ledger, model, body, user)
     try:
         ticket = server.admission.admit(client_key(request.client.host if request.client else None,
                                                    apikey if user.id else None), p.n * p.max_length)
@@ -128,23 +131,52 @@ async def generate_async(body: AsyncRequest, request: Request,
     try:
         jobs = [await server.coordinator.submit(model, body.prompt, params, user_id=user.id, kudos=user.kudos)
                 for _ in range(p.n)]
-    except (ModelNotFound, NoCapacity) as e:
+    except (ModelNotFound, NoCapacity, TooLong) as e:
         ticket.release(0)
-        raise HordeError(400, str(e), "NoValidWorkers") from e
-    except TooLong as e:
-        ticket.release(0)
-        raise HordeError(400, str(e), "TokenOverflow") from e
+        if upfront:
+            server.ledger.transfer(user.id, upfront, "upfront_return")
+        rc = "TokenOverflow" if isinstance(e, TooLong) else "NoValidWorkers"
+        raise HordeError(400, str(e), rc) from e
     wp = WaitingPrompt(str(uuid.uuid4()), model, jobs)
     wp.tasks = [asyncio.create_task(_collect(wp, job)) for job in jobs]
     wp.finished = asyncio.gather(*wp.tasks)
     wp.finished.add_done_callback(lambda _: ticket.release())
+    if upfront:  # the reserve goes back when the jobs end; each finished job is charged on its own
+        wp.finished.add_done_callback(lambda _: server.ledger.transfer(user.id, upfront, "upfront_return"))
     _board(request)[wp.id] = wp
     return {"id": wp.id, "kudos": 0}
+
+
+def _serving(coordinator: Coordinator, model: str) -> list[WorkerConn]:
+    return [w for w in coordinator.catalog.workers.values() if w.state == "ONLINE" and model in w.models]
+
+
+def _upfront(coordinator: Coordinator, ledger: Ledger, model: str, body: AsyncRequest, user: Account) -> float:
+    """Reserve the upfront kudos a large request needs and return the amount; with allow_downgrade, a user who
+    cannot pay gets max_length cut to the threshold instead of a 403, as on the Horde."""
+    workers = _serving(coordinator, model)
+    threads = sum(w.slots for w in workers)
+    threshold = min(512, max(256, 512 + 5 * threads - round(0.9 * len(coordinator.queue))))
+    p = body.params
+    if p.max_length <= threshold:
+        return 0.0
+    sizes = [w.models[model]["params_b"] for w in workers if "params_b" in w.models[model]]
+    amount = upfront_kudos(p.max_length, max(sizes, default=None), p.n)
+    if user.id and user.kudos >= amount:
+        ledger.transfer(user.id, -amount, "upfront")
+        return amount
+    if body.allow_downgrade:
+        p.max_length = threshold
+        return 0.0
+    raise HordeError(403, f"This request requires {amount} kudos upfront (max_length {p.max_length} is over "
+                          f"{threshold}); you have {user.kudos}. Lower max_length or set allow_downgrade.",
+                     "KudosUpfront")
 
 
 async def _collect(wp: WaitingPrompt, job: Job) -> None:
     text = [m["text"] async for m in job if m["type"] == "tokens" and m["kind"] == "text"]
     if job.result and job.result["finish_reason"] in ("stop", "length"):
+        text.append((job.result.get("stats") or {}).get("stop_sequence") or "")  # the Horde returns it
         wp.generations.append({"text": "".join(text), "seed": job.params.get("seed", 0), "worker_id": job.worker,
                                "worker_name": job.worker_name, "model": wp.model, "state": "ok",
                                "gen_metadata": []})
@@ -159,9 +191,22 @@ def _status(request: Request, wp: WaitingPrompt) -> dict:
     position = next((i + 1 for i, job in enumerate(queued) if job in wp.jobs), 0)
     return {"finished": len(wp.generations), "processing": processing, "restarted": sum(j.retries for j in wp.jobs),
             "waiting": waiting, "done": waiting + processing == 0, "faulted": "FAILED" in states,
-            "wait_time": 0, "queue_position": position, "kudos": 0.0,
+            "wait_time": _wait_time(coordinator, wp, queued), "queue_position": position, "kudos": 0.0,
             "is_possible": bool(coordinator.catalog.models().get(wp.model, {}).get("workers")) or processing > 0,
             "generations": wp.generations}
+
+
+def _wait_time(coordinator: Coordinator, wp: WaitingPrompt, queued: list[Job]) -> int:
+    """Seconds until done, as the Horde estimates it: the tokens queued up to this request's jobs over the
+    pool's speed, plus the longest time left among its jobs in flight."""
+    workers = _serving(coordinator, wp.model)
+    speed = sum(w.speed for w in workers) / len(workers) if workers else 1.0
+    ahead = queued[:max((i + 1 for i, job in enumerate(queued) if job in wp.jobs), default=0)]
+    tokens = sum(job.params.get("max_tokens") or 0 for job in ahead)
+    threads = max(1, min(sum(w.slots for w in workers), len(ahead)))
+    running = [(job.params.get("max_tokens") or 0) - job.sent_tokens for job in wp.jobs if job.state in
+               ("SCHEDULED", "ACTIVE")]
+    return round(tokens / (speed * threads) + max(running, default=0) / speed)
 
 
 def _find(request: Request, wp_id: str) -> WaitingPrompt:

@@ -22,6 +22,7 @@ class Stats:
     times: dict[str, float]
     preemptions: int = 0
     error: str | None = None
+    stop_sequence: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

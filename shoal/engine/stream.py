@@ -18,7 +18,7 @@ class TextStream:
     """One request's generated text: UTF-8-safe deltas, stop strings, thinking and tool-call sections.
 
     Text that could be the start of a stop string is held back until it cannot be; a stop string
-    found in the text ends the request and is not part of the output. Stop strings apply to
+    found in the text ends the request, is not part of the output, and is kept in `stopped`. Stop strings apply to
     plain text only. A tool call is emitted whole when its closing marker arrives.
     """
 
@@ -27,7 +27,7 @@ class TextStream:
     markers: dict[int, tuple[str, bool]]
     kind: str = "text"
     held: str = ""
-    stopped: bool = False
+    stopped: str | None = None
     decoder: StreamDecoder = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,9 +54,10 @@ class TextStream:
         return [(self.kind, text)] if text else []
 
     def _release(self) -> list[tuple[str, str]]:
-        cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.held, self.stopped = self.held[:cut], True
+        found = [(i, s) for s in self.stop if (i := self.held.find(s)) >= 0]
+        if found:
+            cut, self.stopped = min(found)
+            self.held = self.held[:cut]
             return self.flush()
         keep = max((n for s in self.stop for n in range(1, len(s)) if self.held.endswith(s[:n])), default=0)
         text, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]

@@ -70,6 +70,11 @@ def job_reward(tokens: int, params_b: float | None, prompt_chars: int = 0) -> fl
     return round(tokens * (max(params_b, 13) / 13) ** 0.2 * params_b / 125 * ctx_mult, 2)
 
 
+def upfront_kudos(max_length: int, params_b: float | None, n: int) -> float:
+    """What a large request must hold in advance, as the Horde reckons it (20 a job for an unknown model)."""
+    return 20.0 * n if params_b is None else round(max_length * params_b / 21, 2) * n
+
+
 class Ledger:
     def __init__(self, url: str = "sqlite:///shoal.db"):
         self.engine = create_engine(url)

@@ -1,14 +1,29 @@
 import asyncio
 import contextlib
 import logging
-from dataclasses import fields
+import os
+from pathlib import Path
 
 from shoal import __version__
 from shoal.engine import Engine, EngineError, SamplingParams, StickyBusy
+from shoal.engine.sampler import logprob_entries
+from shoal.engine.stage import StageEngine
 from shoal.worker.channel import ChannelClosed, Message, Transport
+from shoal.worker.stages import StageServer
 
 log = logging.getLogger("shoal.worker")
-PARAMS = {f.name for f in fields(SamplingParams)}
+
+
+def headroom() -> float:
+    """How much this machine has left, 0..1: the share of its cores not busy (1-minute load), cut further as its
+    hottest thermal zone nears 95 °C, where CPUs throttle."""
+    spare = 1.0 - min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    temps = []
+    for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+        with contextlib.suppress(OSError, ValueError):
+            temps.append(int(zone.read_text()) / 1000)
+    hot = min(1.0, max(0.0, (95.0 - max(temps)) / 25.0)) if temps else 1.0
+    return round(spare * hot, 3)
 
 
 class WorkerAgent:
@@ -16,26 +31,42 @@ class WorkerAgent:
 
     Each job may have at most `window` token messages the coordinator has not acknowledged; a job
     whose reader is slow therefore stops pulling from its engine stream, and the engine pauses
-    that request alone.
+    that request alone. A worker holding a layer range runs a StageEngine instead and serves route
+    steps (stage_open, stage_in, stage_close); it takes no whole jobs.
     """
 
-    def __init__(self, engine: Engine, model_name: str, channel: Transport, name: str = "local", window: int = 32,
-                 heartbeat_s: float = 2.0):
+    def __init__(self, engine: Engine | StageEngine, model_name: str, channel: Transport, name: str = "local",
+                 window: int = 32, heartbeat_s: float = 2.0, fingerprint: str | None = None):
         self.engine, self.model_name, self.channel, self.name = engine, model_name, channel, name
-        self.window, self.heartbeat_s = window, heartbeat_s
+        self.window, self.heartbeat_s, self.fingerprint = window, heartbeat_s, fingerprint
+        self.stages = StageServer(engine, self._send) if isinstance(engine, StageEngine) else None
         self._windows: dict[str, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.speed: float | None = None
 
     def hello(self) -> Message:
         model = self.engine.model
+        info = {"name": self.model_name, "layers": [model.start, model.end], "fingerprint": self.fingerprint,
+                "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+                "n_layers": model.config.num_hidden_layers, "context": self.engine.context_len}
+        if self.stages is not None:
+            info["ms_per_layer"] = self.speed
         return {"type": "hello", "name": self.name, "version": __version__, "slots": self.engine.config.n_seq_max,
-                "models": [{"name": self.model_name, "layers": [model.start, model.end],
-                            "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
-                            "n_layers": model.config.num_hidden_layers, "context": self.engine.context_len}]}
+                "tokens_per_s": None if self.stages else self.speed, "models": [info]}
+
+    async def measure(self, tokens: int = 16) -> float:
+        """One sequence's decode speed in tokens/s, from a short greedy run, for the coordinator's estimates."""
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        stream = self.engine.submit(list(range(1, 9)), params, request_id=f"measure-{self.name}")
+        async for _ in stream:
+            pass
+        stats = stream.stats
+        return round((stats.completion_tokens - 1) / max(stats.decode_ms / 1000, 1e-6), 1)
 
     async def run(self) -> None:
+        self.speed = self.speed or await (self.stages.measure() if self.stages else self.measure())
         await self.channel.send(self.hello())
-        await self.channel.send({"type": "credit", "n": self.engine.config.n_seq_max})
+        await self.channel.send({"type": "credit", "n": 0 if self.stages else self.engine.config.n_seq_max})
         beat = asyncio.create_task(self._heartbeat())
         try:
             while True:
@@ -46,6 +77,8 @@ class WorkerAgent:
             beat.cancel()
             for task in self._tasks:
                 task.cancel()
+            if self.stages is not None:
+                self.stages.cancel()
 
     async def drain(self) -> None:
         """Take no new jobs, let the ones in flight finish, then close the connection."""
@@ -56,7 +89,9 @@ class WorkerAgent:
 
     def _handle(self, msg: Message) -> None:
         kind = msg.get("type")
-        if kind == "assign":
+        if kind in ("stage_open", "stage_in", "stage_close") and self.stages is not None:
+            self.stages.handle(msg)
+        elif kind == "assign":
             task = asyncio.create_task(self._run_job(msg))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -75,8 +110,7 @@ class WorkerAgent:
     async def _run_job(self, msg: Message) -> None:
         job = msg["job"]
         try:
-            params = SamplingParams(**{k: v for k, v in msg.get("params", {}).items() if k in PARAMS})
-            params.logit_bias = {int(k): v for k, v in params.logit_bias.items()}
+            params = SamplingParams.from_wire(msg.get("params", {}))
             stream = self.engine.submit(msg["prompt"], params, session_id=msg.get("session_id"),
                                         priority=msg.get("priority", 0), request_id=job)
         except (EngineError, TypeError) as e:
@@ -94,21 +128,15 @@ class WorkerAgent:
                     continue
                 await window.acquire()
                 await self._send({"type": "tokens", "job": job, "kind": event.kind, "text": event.text,
-                                  "token_ids": event.token_ids, "logprobs": self._logprobs(event.logprobs)})
+                                  "token_ids": event.token_ids,
+                                  "logprobs": logprob_entries(self.engine.tokenizer, event.logprobs)})
         finally:
             self._windows.pop(job, None)
         await self._send({"type": "credit", "n": 1})
 
-    def _logprobs(self, entries: list[dict] | None) -> list[dict] | None:
-        if entries is None:
-            return None
-        text = self.engine.tokenizer.decode
-        return [{"token": text([e["token"]]), "logprob": e["logprob"],
-                 "top": [{"token": text([t]), "logprob": lp} for t, lp in e["top"]]} for e in entries]
-
     async def _heartbeat(self) -> None:
         while True:
-            await self._send({"type": "heartbeat", "snapshot": self.engine.snapshot()})
+            await self._send({"type": "heartbeat", "snapshot": {**self.engine.snapshot(), "headroom": headroom()}})
             await asyncio.sleep(self.heartbeat_s)
 
     async def _send(self, msg: Message) -> None:

@@ -1,15 +1,15 @@
 """`shoal worker`: an engine serving a coordinator over one outgoing WebSocket, reconnecting with backoff."""
 
 import asyncio
-import json
 import logging
 import signal
 
 import websockets
 
 from shoal.engine import Engine
+from shoal.engine.stage import StageEngine
 from shoal.worker.agent import WorkerAgent
-from shoal.worker.channel import ChannelClosed, Message
+from shoal.worker.channel import ChannelClosed, Message, decode, encode
 
 log = logging.getLogger("shoal.worker")
 
@@ -20,13 +20,13 @@ class ClientTransport:
 
     async def send(self, message: Message) -> None:
         try:
-            await self.ws.send(json.dumps(message))
+            await self.ws.send(encode(message))
         except websockets.ConnectionClosed as e:
             raise ChannelClosed(str(e)) from e
 
     async def recv(self) -> Message:
         try:
-            return json.loads(await self.ws.recv())
+            return decode(await self.ws.recv())
         except websockets.ConnectionClosed as e:
             raise ChannelClosed(str(e)) from e
 
@@ -39,24 +39,26 @@ def ws_url(coordinator: str) -> str:
     return f"{base}/v1/workers/connect"
 
 
-async def run_worker(coordinator: str, token: str, engine: Engine, model_name: str, name: str,
-                     max_backoff: float = 30.0) -> None:
+async def run_worker(coordinator: str, token: str, engine: Engine | StageEngine, model_name: str, name: str,
+                     fingerprint: str | None = None, max_backoff: float = 30.0) -> None:
     """Serve until SIGTERM or SIGINT, which drains: in-flight jobs finish, no new ones are taken."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    backoff = 0.5
+    backoff, speed = 0.5, None
     while not stop.is_set():
         try:
             async with websockets.connect(ws_url(coordinator), additional_headers={"Authorization": f"Bearer {token}"},
-                                          max_size=None) as ws:
+                                          max_size=None, compression=None) as ws:
                 backoff = 0.5
-                agent = WorkerAgent(engine, model_name, ClientTransport(ws), name)
+                agent = WorkerAgent(engine, model_name, ClientTransport(ws), name, fingerprint=fingerprint)
+                agent.speed = speed  # measured on the first connection only
                 log.info("connected", extra={"coordinator": coordinator, "worker": name})
                 serving = asyncio.create_task(agent.run())
                 stopping = asyncio.create_task(stop.wait())
                 await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                speed = agent.speed
                 if stop.is_set():
                     await agent.drain()
                     return
