@@ -23,6 +23,9 @@ MaxTokensOpt = Annotated[int | None, typer.Option(
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
 KVOpt = Annotated[float, typer.Option("--kv-cache-mb", min=1, help="Memory for the paged KV cache, in MiB.")]
+DiskOpt = Annotated[Path | None, typer.Option("--kv-disk-dir", envvar="SHOAL_KV_DISK_DIR", help=(
+    "Keep the prefix cache on disk here too: it survives restarts and grows past RAM (off with --private)."))]
+DiskGBOpt = Annotated[float, typer.Option("--kv-disk-gb", min=0.001, help="Disk budget of the prefix cache, in GB.")]
 DbOpt = Annotated[str, typer.Option("--db", envvar="SHOAL_DB", help="The kudos ledger: an SQLAlchemy URL.")]
 
 
@@ -154,6 +157,8 @@ def serve(
     host: Annotated[str, typer.Option("--host", envvar="SHOAL_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", envvar="SHOAL_PORT", min=1, max=65535)] = 8000,
     kv_cache_mb: KVOpt = 256,
+    kv_disk_dir: DiskOpt = None,
+    kv_disk_gb: DiskGBOpt = 4.0,
     n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Require this key (repeatable).")] = None,
     api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="Required keys, one a line.")] = None,
@@ -170,14 +175,19 @@ def serve(
                                                            help="Token remote workers connect with (repeatable).")]
     = None,
     db: DbOpt = "sqlite:///shoal.db",
+    verify_rate: Annotated[float, typer.Option("--verify-rate", min=0.0, max=1.0,
+                                               help="Share of route steps a second replica recomputes to check.")]
+    = 0.0,
 ) -> None:
     """Serve the OpenAI-compatible API and the web chat page at http://HOST:PORT/."""
     from shoal.serve import ServeSettings
     from shoal.serve import serve as run_server
 
-    settings = ServeSettings(model, model_name, host, port, EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb),
+    disk = None if private or kv_disk_dir is None else str(kv_disk_dir)  # private: nothing of a request on disk
+    config = EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb, kv_disk_dir=disk, kv_disk_gb=kv_disk_gb)
+    settings = ServeSettings(model, model_name, host, port, config,
                              Limits(rpm, streams, tpm), api_key or [], api_keys_file, private, local_worker,
-                             worker_token or [], db)
+                             worker_token or [], db, verify_rate)
     try:
         run_server(settings)
     except (ModelError, EngineError, AuthError) as e:
@@ -195,21 +205,79 @@ def worker(
                                                                          "name).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="This worker's name (default: the host name).")] = None,
     kv_cache_mb: KVOpt = 256,
+    kv_disk_dir: DiskOpt = None,
+    kv_disk_gb: DiskGBOpt = 4.0,
     n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
+    layers: Annotated[str | None, typer.Option("--layers", help="Hold only layers START:END and serve them as a "
+                                                                "pipeline stage (default: the whole model).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help=(
+        "CPU threads for the model (default: torch's, one per core). Give each of several workers on one machine "
+        "its share: idle math threads spin and steal the cores a busy worker needs."))] = None,
+    max_memory_gb: Annotated[float | None, typer.Option("--max-memory-gb", min=0.0, help=(
+        "Without --layers: hold as many layers as fit in this much memory, the range the swarm covers worst."))]
+    = None,
 ) -> None:
-    """Serve a model to a coordinator over one outgoing connection; SIGTERM drains, then exits."""
+    """Serve a model (or a range of its layers) to a coordinator over one outgoing connection; SIGTERM drains."""
     import socket
 
+    import httpx
+    import torch
+
     from shoal import logs
+    from shoal.engine.stage import StageEngine
+    from shoal.model.weights import weights_fingerprint
     from shoal.worker.remote import run_worker
 
     logs.configure()
-    engine = _engine(model, kv_cache_mb, n_seq_max)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=n_seq_max, kv_disk_dir=kv_disk_dir and str(kv_disk_dir),
+                          kv_disk_gb=kv_disk_gb)
+    try:
+        fingerprint = weights_fingerprint(model)
+        if layers is None and max_memory_gb is not None:
+            layers = _pick_layers(coordinator, token, model, model_name or model.resolve().name, fingerprint,
+                                  max_memory_gb)
+        with err.status(f"Loading {model} ..."):
+            engine = StageEngine.from_dir(model, _layers(layers), config) if layers else Engine.from_dir(model, config)
+    except (ModelError, EngineError, ValueError, OSError, httpx.HTTPError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     try:
         asyncio.run(run_worker(coordinator, token, engine, model_name or model.resolve().name,
-                               name or socket.gethostname()))
+                               name or socket.gethostname(), fingerprint))
     finally:
         engine.close()
+
+
+def _pick_layers(coordinator: str, token: str, model: Path, name: str, fingerprint: str,
+                 max_memory_gb: float) -> str | None:
+    """The range this worker should hold (None: the whole model fits), by Petals' rule over what the swarm has."""
+    import httpx
+
+    from shoal.coordinator.routes import Offer, choose_range
+    from shoal.model.weights import layer_sizes
+
+    n_layers, per_layer, other = layer_sizes(model)
+    fits = int((max_memory_gb * 2**30 - other) // per_layer)
+    if fits < 1:
+        raise ValueError(f"--max-memory-gb {max_memory_gb} holds no layer of {name} (one layer and the embedding "
+                         f"take {(per_layer + other) / 2**30:.2f} GB)")
+    if fits >= n_layers:
+        return None
+    reply = httpx.get(f"{coordinator.rstrip('/')}/v1/workers/ranges", params={"model": name,
+                      "fingerprint": fingerprint}, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    reply.raise_for_status()
+    start, end = choose_range([Offer(**o) for o in reply.json()["offers"]], n_layers, fits)
+    err.print(f"holding layers {start}:{end} of {n_layers} ({fits} fit in {max_memory_gb} GB)")
+    return f"{start}:{end}"
+
+
+def _layers(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    if not (sep and start.strip().isdigit() and end.strip().isdigit()):
+        raise ValueError(f"--layers takes START:END, e.g. 0:12, not {text!r}")
+    return int(start), int(end)
 
 
 tokens = typer.Typer(help="Worker tokens and user API keys in the kudos ledger.", no_args_is_help=True)

@@ -16,6 +16,7 @@ from shoal.coordinator.admission import Admission, ApiKeys, Limits
 from shoal.coordinator.coordinator import Coordinator
 from shoal.engine import Engine, EngineConfig
 from shoal.model import DEMO_PATH
+from shoal.model.weights import weights_fingerprint
 from shoal.store.ledger import Ledger, digest
 from shoal.worker.agent import WorkerAgent
 from shoal.worker.channel import channel_pair
@@ -37,6 +38,7 @@ class ServeSettings:
     local_worker: bool = True
     worker_tokens: list[str] = field(default_factory=list)
     db: str = "sqlite:///shoal.db"
+    verify_rate: float = 0.0
 
     @property
     def name(self) -> str:
@@ -48,7 +50,8 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
     # Private mode writes nothing of a request to disk, the ledger's job rows included.
     ledger = Ledger("sqlite://" if settings.private else settings.db)
-    server = Server(Coordinator(), Admission(settings.limits), keys, private=settings.private,
+    server = Server(Coordinator(verify_rate=settings.verify_rate), Admission(settings.limits), keys,
+                    private=settings.private,
                     worker_tokens={digest(t) for t in settings.worker_tokens}, ledger=ledger)
     app = create_app(server)
 
@@ -59,7 +62,8 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
         if settings.local_worker:
             local = engine or await asyncio.to_thread(Engine.from_dir, settings.model, settings.engine)
             worker_end, coordinator_end = channel_pair()
-            tasks += [asyncio.create_task(WorkerAgent(local, settings.name, worker_end).run()),
+            tasks += [asyncio.create_task(WorkerAgent(local, settings.name, worker_end,
+                                                                fingerprint=weights_fingerprint(settings.model)).run()),
                       asyncio.create_task(server.coordinator.attach(coordinator_end))]
             while not server.coordinator.catalog.models().get(settings.name, {}).get("workers"):
                 await asyncio.sleep(0.01)

@@ -82,6 +82,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SHOAL = str(Path(sys.executable).with_name("shoal"))
+TOKEN = "worker-secret"
+
+
+def start_worker(url: str, name: str, token: str = TOKEN, *args: str) -> subprocess.Popen:
+    """A real `shoal worker` subprocess connecting to `url`; extra args go to its command line."""
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"shoal-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([SHOAL, "worker", "--coordinator", url, "--token", token, "--name", name, *args],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = Path(log.name)
+    return proc
+
+
+def wait_workers(url: str, n: int, timeout: float = 60, kind: str = "workers") -> None:
+    """Until `n` workers serve whole models (kind "workers") or layer ranges (kind "stages")."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        if sum(m[kind] for m in models) == n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"expected {n} {kind}, have {models}")
+
+
 def start_server(*args: str, ready: tuple[str, ...] = ("ok",)) -> tuple[str, subprocess.Popen]:
     """A real `shoal serve` subprocess on a free port; returns its URL once /health answers a `ready` status."""
     import httpx

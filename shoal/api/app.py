@@ -1,4 +1,5 @@
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -47,20 +48,29 @@ class Server:
         """The ledger user the request's API key belongs to; anonymous for no key or one the ledger lacks."""
         return self.ledger.account(self.authorize(request)) or self.ledger.account(None)
 
-    def settle(self, job: Job, worker: WorkerConn, done: dict) -> None:
-        """Pay a remote worker's owner for a finished job (once, ever) and charge its requester."""
+    def settle(self, job: Job, shares: list[tuple[WorkerConn, float]], done: dict) -> None:
+        """Pay the owners of the workers that ran a finished job (one worker, or a route's stages by their share
+        of the layers), once ever, and charge its requester."""
         stats = done.get("stats") or {}
-        if done["finish_reason"] not in ("stop", "length") or worker.owner_id is None:
+        if done["finish_reason"] not in ("stop", "length"):
             return
+        sizes = [w.models[job.model].get("params_b") for w, _ in shares]
         known = [w.models[job.model]["params_b"] for w in self.coordinator.catalog.workers.values()
                  if "params_b" in w.models.get(job.model, {})]
-        params_b = worker.models[job.model].get("params_b", known[0] if known else None)
+        params_b = sum(sizes) if sizes and None not in sizes else (known[0] if known else None)
         reward = job_reward(stats.get("completion_tokens", 0), params_b, 4 * stats.get("prompt_tokens", 0))
-        if not self.ledger.transfer(worker.owner_id, reward, "reward", job=job.id, worker=worker.name):
+        paid, settled = 0.0, False
+        for i, (worker, share) in enumerate(shares):
+            key = job.id if len(shares) == 1 else f"{job.id}:{i}"
+            amount = round(reward * share, 2)
+            if worker.owner_id is not None and self.ledger.transfer(worker.owner_id, amount, "reward", job=key,
+                                                                    worker=worker.name):
+                paid, settled = paid + amount, True
+        if not settled:  # no owner to pay, or already paid: nothing to charge either
             return
-        job.reward = reward
+        job.reward = paid
         if job.user_id:
-            self.ledger.transfer(job.user_id, -(reward + 1), "charge", worker=worker.name)
+            self.ledger.transfer(job.user_id, -(paid + 1), "charge", worker=",".join(w.name for w, _ in shares))
 
     def authorize(self, request: Request) -> str | None:
         """The caller's API key; raises APIError 401 when keys are required and this one is not valid."""
@@ -79,7 +89,7 @@ class Server:
         except RateLimited as e:
             self.metrics.rate_limited.labels(e.limit).inc()
             raise APIError(429, str(e), code="rate_limit_exceeded",
-                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from e
+                           headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from e
 
 
 def create_app(server: Server) -> FastAPI:

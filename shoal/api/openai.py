@@ -26,7 +26,8 @@ async def list_models(request: Request) -> dict:
     request.app.state.server.authorize(request)
     models = request.app.state.server.coordinator.catalog.models()
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "shoal",
-                                        "context_length": info["context"], "workers": info["workers"]}
+                                        "context_length": info["context"], "workers": info["workers"],
+                                        "stages": info["stages"]}
                                        for name, info in sorted(models.items())]}
 
 

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal.coordinator.jobs import Job
+from shoal.coordinator.pipeline import Pipeline
 from shoal.coordinator.queue import JobQueue
+from shoal.coordinator.routes import Hop, NoRoute
 from shoal.coordinator.workers import Catalog, WorkerConn
 from shoal.worker.channel import ChannelClosed, Message, Transport
 
@@ -53,9 +55,12 @@ class Coordinator:
     """
 
     def __init__(self, max_queue: int = 4096, lease_s: float = 30.0, liveness_s: float = 6.0, max_retries: int = 3,
-                 on_done: Callable[[Job, WorkerConn, Message], None] | None = None):
+                 on_done: Callable[[Job, list[tuple[WorkerConn, float]], Message], None] | None = None,
+                 verify_rate: float = 0.0):
         self.on_done = on_done
         self.catalog = Catalog()
+        self.pipeline = Pipeline(self.catalog, self._send, verify_rate)
+        self._routes: set[asyncio.Task] = set()
         self.queue = JobQueue()
         self.jobs: dict[str, Job] = {}
         self.finished: dict[str, None] = {}  # recent finished job ids, oldest first
@@ -95,6 +100,8 @@ class Coordinator:
             await self._dispatch()
         elif kind == "heartbeat":
             worker.snapshot = dict(msg["snapshot"])
+        elif kind in ("stage_ready", "stage_out", "stage_error"):
+            self.pipeline.on_message(worker, msg)
         elif kind == "drain":
             worker.state, worker.credit = "DRAINING", 0
         elif kind in ("tokens", "done"):
@@ -103,7 +110,7 @@ class Coordinator:
                 return  # late news about a job that ended or moved: never counted twice
             if kind == "done":
                 if self.on_done is not None:
-                    self.on_done(job, worker, msg)
+                    self.on_done(job, [(worker, 1.0)], msg)
                 self._end(job, msg)
             elif job.deliver(msg):
                 job.lease_until = time.monotonic() + self.lease_s
@@ -128,6 +135,7 @@ class Coordinator:
             return
         worker.state = "OFFLINE"
         self.catalog.remove(worker.id)
+        self.pipeline.lost(worker)
         jobs, worker.jobs = [self.jobs[j] for j in worker.jobs if j in self.jobs], set()
         for job in jobs:
             await self._reassign(job, f"worker {worker.name} {why}")
@@ -187,7 +195,10 @@ class Coordinator:
         if model not in models:
             raise ModelNotFound(model, sorted(models))
         if not models[model]["workers"]:
-            raise NoCapacity(f"no online worker serves {model!r} now")
+            try:
+                self.pipeline.route(model)
+            except NoRoute as e:
+                raise NoCapacity(f"no online worker serves all of {model!r} now: {e}") from e
         contexts = [w.models[model]["context"] for w in self.catalog.workers.values() if model in w.models]
         if (tokens := needed(prompt, params)) > max(contexts):
             raise TooLong(f"the prompt and max_tokens need at least {tokens} tokens; the largest "
@@ -207,6 +218,8 @@ class Coordinator:
             return
         if self.queue.remove(job):
             self._end(job, {"type": "done", "job": job.id, "finish_reason": "cancelled", "error": None})
+        elif job.id in self.pipeline.runs:
+            self.pipeline.runs[job.id].cancelled = True
         elif (worker := self.catalog.workers.get(job.worker or "")) is not None:
             await self._send(worker, {"type": "cancel", "job": job.id})
 
@@ -219,6 +232,37 @@ class Coordinator:
                 await self._send(worker, {"type": "assign", "job": job.id, "model": job.model, "prompt": job.prompt,
                                           "params": job.params, "session_id": job.session_id,
                                           "priority": job.priority, "lease_s": self.lease_s})
+        if len(self.queue) and any("ms_per_layer" in info for w in self.catalog.workers.values()
+                                   for info in w.models.values()):
+            self._dispatch_routes()
+
+    def _dispatch_routes(self) -> None:
+        """Jobs no whole-model worker could start now go to a route of stage workers with room, if one exists."""
+        for model in {job.model for job in self.queue.ordered()}:
+            while True:
+                try:
+                    fingerprint, n_layers, hops = self.pipeline.route(model, room=True)
+                except NoRoute:
+                    break
+                context = min(self.catalog.workers[h.worker].models[model]["context"] for h in hops)
+                job = self.queue.pop_for({model}, lambda j, c=context: needed(j.prompt, j.params) <= c)
+                if job is None:
+                    break
+                job.scheduling_s = time.monotonic() - job.times["RECEIVED"]
+                job.worker_name = "route:" + ",".join(self.catalog.workers[h.worker].name for h in hops)
+                job.mark("SCHEDULED")
+                task = asyncio.create_task(self._run_route(job, fingerprint, n_layers, hops))
+                self._routes.add(task)
+                task.add_done_callback(self._routes.discard)
+
+    async def _run_route(self, job: Job, fingerprint: str, n_layers: int, hops: list[Hop]) -> None:
+        done = await self.pipeline.run(job, fingerprint, n_layers, hops)
+        if self.on_done is not None and done["finish_reason"] != "error":
+            by_name = {w.name: w for w in self.catalog.workers.values()}
+            self.on_done(job, [(by_name[name], (end - start) / n_layers)
+                               for name, start, end in done["stats"]["route"] if name in by_name], done)
+        self._end(job, done)
+        await self._dispatch()
 
     def _hand(self, job: Job, worker: WorkerConn, lease_s: float) -> None:
         job.scheduling_s = time.monotonic() - max(job.times["RECEIVED"], worker.credit_at)
@@ -265,7 +309,7 @@ class Coordinator:
                  "cache_delta": {"read": 0, "created": 0}}
         done = {"type": "done", "job": job.id, "finish_reason": "stop", "error": None, "stats": stats}
         if self.on_done is not None:
-            self.on_done(job, worker, done)
+            self.on_done(job, [(worker, 1.0)], done)
         self._end(job, done)
         return job
 
@@ -286,5 +330,9 @@ class Coordinator:
         """Queue depth, jobs by state, and the workers' own engine snapshots."""
         states = Counter(job.state for job in self.jobs.values())
         return {"queued": len(self.queue), "jobs": dict(states),
-                "workers": {w.id: {"name": w.name, "state": w.state, "credit": w.credit, "engine": w.snapshot}
-                            for w in self.catalog.workers.values()}}
+                "workers": {w.id: {"name": w.name, "state": w.state, "credit": w.credit, "engine": w.snapshot,
+                                   "layers": {m: info["layers"] for m, info in w.models.items()},
+                                   "banned": self.pipeline.banned(w), "rtt_ms": round(w.rtt_ms, 3)}
+                            for w in self.catalog.workers.values()},
+                "routes": {job: [[s.worker.name, s.start, s.end] for s in run.stages]
+                           for job, run in self.pipeline.runs.items()}}

@@ -23,11 +23,15 @@ class WorkerConn:
     state: str = "JOINING"
     owner_id: int | None = None
     credit_at: float = 0.0
+    rtt_ms: float = 1.0  # round trip of a route step that computes nothing (stage_open), averaged
+    speed: float = 10.0  # one sequence's decode tokens/s as the worker measured it (a guess for a polling one)
+
 
     @classmethod
     def from_hello(cls, worker_id: str, channel: Transport, hello: Message, owner_id: int | None) -> "WorkerConn":
         models = {m["name"]: m for m in hello["models"]}
-        return cls(worker_id, hello["name"], channel, models, hello["slots"], owner_id=owner_id)
+        return cls(worker_id, hello["name"], channel, models, hello["slots"], owner_id=owner_id,
+                   speed=max(0.1, float(hello.get("tokens_per_s") or 10.0)))
 
 
 class Catalog:
@@ -43,13 +47,15 @@ class Catalog:
         return self.workers.pop(worker_id, None)
 
     def models(self) -> dict[str, dict]:
-        """Model name -> its advertised facts (context length, layers) and how many workers serve it whole."""
+        """Model name -> its advertised facts (context length), how many workers serve it whole and how many
+        serve a range of its layers as pipeline stages."""
         out: dict[str, dict] = {}
         for worker in self.workers.values():
             for name, info in worker.models.items():
-                whole = info["layers"] == [0, info["n_layers"]]
-                entry = out.setdefault(name, {"context": info["context"], "workers": 0})
+                whole = info["layers"] == [0, info["n_layers"]] and info.get("ms_per_layer") is None
+                entry = out.setdefault(name, {"context": info["context"], "workers": 0, "stages": 0})
                 entry["workers"] += whole and worker.state == "ONLINE"
+                entry["stages"] += not whole and worker.state == "ONLINE"
         return out
 
     def with_credit(self) -> list[WorkerConn]:

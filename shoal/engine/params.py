@@ -30,6 +30,13 @@ class SamplingParams:
     logprobs: int | None = None
     timeout_s: float | None = None
 
+    @classmethod
+    def from_wire(cls, fields: dict) -> "SamplingParams":
+        """From a job's params as JSON carries them: unknown keys ignored, logit_bias keys back to ints."""
+        params = cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+        params.logit_bias = {int(k): v for k, v in params.logit_bias.items()}
+        return params
+
     def validate(self, vocab_size: int) -> None:
         checks = [
             (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),

@@ -1,6 +1,7 @@
 import torch
 
 from shoal.engine.sequence import Sequence
+from shoal.model.tokenizer import Tokenizer
 
 
 class Sampler:
@@ -66,3 +67,12 @@ def logprobs(logits: torch.Tensor, token: int, k: int) -> dict:
     top = torch.topk(lp, k) if k else None
     alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
     return {"token": token, "logprob": float(lp[token]), "top": alternatives}
+
+
+def logprob_entries(tokenizer: Tokenizer, entries: list[dict] | None) -> list[dict] | None:
+    """The sampler's logprobs with token ids turned into their text, as the API returns them."""
+    if entries is None:
+        return None
+    text = tokenizer.decode
+    return [{"token": text([e["token"]]), "logprob": e["logprob"],
+             "top": [{"token": text([t]), "logprob": lp} for t, lp in e["top"]]} for e in entries]

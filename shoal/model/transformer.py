@@ -50,15 +50,20 @@ class Transformer(nn.Module):
                             self.dtype, self.device, block_size)
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache) -> torch.Tensor:
-        """Token ids [T] on the first range, hidden states [T, hidden] otherwise; returns hidden states."""
+    def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, start: int | None = None,
+                end: int | None = None) -> torch.Tensor:
+        """Layers [start, end) of those held (default: all of them) over token ids [T] when start is layer 0,
+        hidden states [T, hidden] otherwise; returns hidden states, normed when end is the model's last layer."""
+        start, end = self.start if start is None else start, self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"layers [{start}, {end}) are not within the held range [{self.start}, {self.end})")
         if self.rotary is None:
             self.rotary = Rotary(self.config, self.device)
-        h = self.embed_tokens(inputs) if self.is_first else inputs.to(self.dtype)
+        h = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype)
         rope = self.rotary.cos_sin(batch.positions, h.dtype)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, batch, kv, i)
-        return self.norm(h) if self.is_last else h
+        for i in range(start - self.start, end - self.start):
+            h = self.layers[i](h, rope, batch, kv, i)
+        return self.norm(h) if end == self.config.num_hidden_layers else h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -95,3 +96,33 @@ def _copy(param: torch.nn.Parameter, parts: list[torch.Tensor], specs: list[tupl
             raise WeightShapeError(f"tensor {name} has shape {tuple(tensor.shape)} but the config implies {shape}")
     with torch.no_grad():
         param.copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """Names one checkpoint: its config, every weight file's tensor header and 64 samples of its data, so only
+    workers holding the same weights (whatever layers each loaded) join one route, without reading it all."""
+    path = Path(path)
+    h = hashlib.blake2b((path / "config.json").read_bytes(), digest_size=12)
+    for file in sorted(set(weight_files(path).values())):
+        total = file.stat().st_size
+        with file.open("rb") as f:
+            h.update(f.read(int.from_bytes(f.read(8), "little")))
+            for i in range(64):
+                f.seek(total * i // 64)
+                h.update(f.read(4096))
+    return h.hexdigest()
+
+
+def layer_sizes(path: str | Path) -> tuple[int, int, int]:
+    """(layer count, bytes of one decoder layer on average, bytes of everything else) as stored on disk."""
+    path = Path(path)
+    n_layers = ModelConfig.from_dir(path).num_hidden_layers
+    in_layers = other = 0
+    for file in sorted(set(weight_files(path).values())):
+        with file.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, info in header.items():
+            if name != "__metadata__":
+                size = info["data_offsets"][1] - info["data_offsets"][0]
+                in_layers, other = (in_layers + size, other) if ".layers." in name else (in_layers, other + size)
+    return n_layers, in_layers // max(1, n_layers), other

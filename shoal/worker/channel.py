@@ -2,7 +2,38 @@ import asyncio
 import json
 from typing import Any, Protocol
 
+import msgpack
+
 Message = dict[str, Any]
+
+
+def encode(message: Message) -> str | bytes:
+    """A control message as JSON text; one carrying raw bytes in `data` (hidden states) as a binary frame:
+    the length of a msgpack header of its other fields, the header, then the bytes as they are."""
+    data = message.get("data")
+    if data is None:
+        return json.dumps(message)
+    header = msgpack.packb({k: v for k, v in message.items() if k != "data"})
+    return len(header).to_bytes(4, "big") + header + bytes(data)
+
+
+def decode(frame: str | bytes) -> Message:
+    """The message in a frame; ValueError names what is wrong with a malformed one."""
+    if isinstance(frame, str):
+        message = json.loads(frame)
+    else:
+        size = int.from_bytes(frame[:4], "big")
+        if len(frame) < 4 + size:
+            raise ValueError(f"a binary frame of {len(frame)} bytes cannot hold its {size}-byte header")
+        try:
+            message = msgpack.unpackb(frame[4:4 + size])
+        except (msgpack.UnpackException, ValueError) as e:
+            raise ValueError(f"bad msgpack header: {e}") from e
+        if isinstance(message, dict):
+            message["data"] = frame[4 + size:]
+    if not isinstance(message, dict):
+        raise ValueError("a message must be an object")
+    return message
 
 
 class ChannelClosed(Exception):
@@ -10,7 +41,7 @@ class ChannelClosed(Exception):
 
 
 class Transport(Protocol):
-    """What both sides of the worker protocol need from a connection: JSON messages in order."""
+    """What both sides of the worker protocol need from a connection: messages in order."""
 
     async def send(self, message: Message) -> None: ...
 
@@ -22,25 +53,25 @@ class Transport(Protocol):
 class Channel:
     """One end of an in-process worker connection.
 
-    Messages go through JSON exactly as they would over the network, so nothing but plain data
+    Messages are encoded exactly as they would be over the network, so nothing but plain data
     crosses; the coordinator cannot tell this from a remote worker.
     """
 
-    def __init__(self, inbox: asyncio.Queue[str | None], outbox: asyncio.Queue[str | None]):
+    def __init__(self, inbox: asyncio.Queue[str | bytes | None], outbox: asyncio.Queue[str | bytes | None]):
         self._inbox, self._outbox = inbox, outbox
         self.closed = False
 
     async def send(self, message: Message) -> None:
         if self.closed:
             raise ChannelClosed("the channel is closed")
-        await self._outbox.put(json.dumps(message))
+        await self._outbox.put(encode(message))
 
     async def recv(self) -> Message:
         data = await self._inbox.get()
         if data is None:
             self.closed = True
             raise ChannelClosed("the other end closed the channel")
-        return json.loads(data)
+        return decode(data)
 
     def close(self) -> None:
         if not self.closed:
@@ -50,6 +81,6 @@ class Channel:
 
 def channel_pair() -> tuple[Channel, Channel]:
     """(worker end, coordinator end) of one connection."""
-    a: asyncio.Queue[str | None] = asyncio.Queue()
-    b: asyncio.Queue[str | None] = asyncio.Queue()
+    a: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+    b: asyncio.Queue[str | bytes | None] = asyncio.Queue()
     return Channel(a, b), Channel(b, a)

@@ -1,0 +1,225 @@
+"""A pipeline stage: runs layer ranges of one model for the routed sequences of many jobs.
+
+The coordinator drives each sequence step by step (a prefill chunk or one decode token); every
+step that reaches this stage in the same tick joins one batched forward per layer range. The
+stage that ends the model samples with the request's own seeded generator, so a replacement
+stage that is replayed the same inputs draws the same tokens.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from shoal.engine.engine import EngineConfig, Prompt, tokenize
+from shoal.engine.params import EngineError, SamplingParams
+from shoal.engine.runner import num_blocks_for
+from shoal.engine.sampler import Sampler
+from shoal.engine.sequence import Sequence, at_length, ends_on
+from shoal.engine.stream import TextStream, marker_ids
+from shoal.model import Transformer, load_model
+from shoal.model.kv import BLOCK_SIZE, AttentionBatch
+from shoal.model.tokenizer import Tokenizer
+
+log = logging.getLogger("shoal.engine")
+
+
+@dataclass(eq=False)
+class StageSession:
+    """One job's KV for layers [start, end) on this stage; on the model's last layers, its sampling state."""
+
+    id: str
+    start: int
+    end: int
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    seq: Sequence | None = None
+    text: TextStream | None = None
+
+
+@dataclass(eq=False)
+class Step:
+    session_id: str
+    position: int
+    inputs: torch.Tensor
+    sample: bool
+    done: Callable[[dict | Exception], None]
+
+
+class StageEngine:
+    """Layer ranges of one model for routed sequences: an asyncio API in front of a dedicated model thread."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config or EngineConfig()
+        num_blocks = num_blocks_for(model, self.config.kv_cache_mb, BLOCK_SIZE)
+        if num_blocks < 2:
+            raise EngineError(f"kv_cache_mb={self.config.kv_cache_mb} holds fewer than 2 KV blocks for this range")
+        self.kv = model.new_cache(num_blocks, BLOCK_SIZE)
+        self.num_blocks, self.free = num_blocks, list(range(num_blocks))
+        self.sampler = Sampler(tokenizer.eos_token_ids)
+        self.markers = marker_ids(tokenizer)
+        self.sessions: dict[str, StageSession] = {}
+        self._inbox: queue.Queue[Step | Callable[[], None]] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="shoal-stage", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_dir(cls, path: str | Path, layers: tuple[int, int], config: EngineConfig | None = None) -> "StageEngine":
+        return cls(load_model(path, layers), Tokenizer.from_dir(path), config)
+
+    @property
+    def context_len(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def snapshot(self) -> dict:
+        return {"sessions": len(self.sessions), "kv_blocks_free": len(self.free), "kv_blocks": self.num_blocks}
+
+    # asyncio side ---------------------------------------------------------------------------
+
+    def open(self, session_id: str, layers: tuple[int, int], prompt: Prompt, params: SamplingParams | None = None,
+             generated: list[int] | None = None) -> list[int]:
+        """Start a job's session on layers [start, end) and return its prompt's token ids. On the model's last
+        layers, `params` say how to sample; `generated` are tokens an earlier stage already sampled (a
+        replacement resumes after them, its generator advanced past their draws)."""
+        start, end = layers
+        if not self.model.start <= start < end <= self.model.end:
+            raise EngineError(f"layers {start}:{end} are not within this stage's {self.model.start}:{self.model.end}")
+        ids = tokenize(self.tokenizer, self.model.config.vocab_size, prompt)
+        session = StageSession(session_id, start, end)
+        if end == self.model.config.num_hidden_layers:
+            session.seq, session.text = self._sampling(session_id, ids, params or SamplingParams(), generated or [])
+        self._inbox.put(lambda: self.sessions.__setitem__(session_id, session))
+        return ids
+
+    async def step(self, session_id: str, position: int, inputs: torch.Tensor, sample: bool = False) -> dict:
+        """Run one step of a session: inputs for positions [position, position + n). Returns {"hidden"} (the
+        output rows) or, on the model's last layers with `sample`, the sampled token and what it means."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(result: dict | Exception) -> None:
+            def resolve() -> None:
+                if not future.done():
+                    future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+            loop.call_soon_threadsafe(resolve)
+
+        self._inbox.put(Step(session_id, position, inputs, sample, done))
+        return await future
+
+    def end(self, session_id: str) -> None:
+        """Free a session's KV."""
+        self._inbox.put(lambda: self._close(session_id))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join()
+
+    def _sampling(self, session_id: str, ids: list[int], params: SamplingParams,
+                  generated: list[int]) -> tuple[Sequence, TextStream]:
+        params.validate(self.model.config.vocab_size)
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.context_len - len(ids))
+        seq = Sequence(session_id, list(ids), params, torch.Generator().manual_seed(params.seed or 0))
+        text = TextStream(self.tokenizer, params.stop, self.markers)
+        vocab = self.model.config.vocab_size
+        for token in generated:  # replay what was sampled before, so the generator and the text are where they were
+            if params.temperature > 0:
+                torch.empty(vocab).exponential_(generator=seq.generator)
+            seq.token_ids.append(token)
+            text.push(token)
+        return seq, text
+
+    # model thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            item = self._inbox.get()
+            steps: list[Step] = []
+            while item is not None:
+                if isinstance(item, Step):
+                    steps.append(item)
+                else:
+                    item()
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            for group in self._groups(steps).values():
+                self._run(group)
+            if item is None:
+                return
+
+    def _groups(self, steps: list[Step]) -> dict[tuple[int, int], list[tuple[StageSession, Step]]]:
+        groups: dict[tuple[int, int], list[tuple[StageSession, Step]]] = {}
+        for step in steps:
+            session = self.sessions.get(step.session_id)
+            if session is None:
+                step.done(EngineError(f"no open session {step.session_id!r} on this stage"))
+            elif step.position != session.num_computed:
+                step.done(EngineError(f"session {step.session_id!r} is at position {session.num_computed}, "
+                                      f"not {step.position}"))
+            elif not self._reserve(session, step.position + len(step.inputs)):
+                step.done(EngineError(f"no KV room for {len(step.inputs)} more tokens on this stage"))
+            else:
+                groups.setdefault((session.start, session.end), []).append((session, step))
+        return groups
+
+    def _reserve(self, session: StageSession, tokens: int) -> bool:
+        need = -(-tokens // BLOCK_SIZE) - len(session.block_table)
+        if need > len(self.free):
+            return False
+        session.block_table += [self.free.pop() for _ in range(max(0, need))]
+        return True
+
+    def _run(self, group: list[tuple[StageSession, Step]]) -> None:
+        start, end = group[0][0].start, group[0][0].end
+        try:
+            model = self.model
+            batch = AttentionBatch.build([s.block_table for s, _ in group], [step.position for _, step in group],
+                                         [len(step.inputs) for _, step in group], BLOCK_SIZE,
+                                         model.config.sliding_window, model.device)
+            inputs = torch.cat([step.inputs.to(model.device) for _, step in group])
+            hidden = model(inputs, batch, self.kv, start, end)
+        except Exception as e:
+            log.exception("stage forward failed")
+            for _, step in group:
+                step.done(EngineError(f"forward failed: {e!r}"))
+            return
+        row = 0
+        for session, step in group:
+            n = len(step.inputs)
+            session.num_computed += n
+            out = hidden[row:row + n]
+            row += n
+            try:
+                step.done(self._sample(session, out[-1]) if step.sample else {"hidden": out.cpu()})
+            except Exception as e:
+                log.exception("stage sampling failed")
+                step.done(EngineError(f"sampling failed: {e!r}"))
+
+    def _sample(self, session: StageSession, hidden: torch.Tensor) -> dict:
+        seq, text = session.seq, session.text
+        if seq is None or text is None:
+            raise EngineError(f"layers {session.start}:{session.end} do not end the model: nothing to sample")
+        token, logprobs = self.sampler.sample(self.model.compute_logits(hidden[None])[0].cpu(), seq)
+        seq.token_ids.append(token)
+        if ends_on(token, seq.params, self.tokenizer.eos_token_ids):
+            return {"token": token, "pieces": text.flush(), "finish_reason": "stop", "logprobs": None,
+                    "stop_token": True}
+        pieces = text.push(token)
+        reason = "stop" if text.stopped is not None else "length" if at_length(seq, self.context_len) else None
+        if reason is not None:
+            pieces += text.flush()
+        return {"token": token, "pieces": pieces, "finish_reason": reason, "logprobs": logprobs,
+                "stop_sequence": text.stopped}
+
+    def _close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.free += session.block_table
