@@ -38,19 +38,25 @@ def test_killing_a_worker_mid_generation_loses_no_request_and_no_text(coordinato
     wait_workers(url, 2)
     questions = [f"What is {a} + {b}?" for a, b in [(12, 30), (7, 8), (21, 14), (40, 9)]]
 
-    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+    async def one(client: openai.AsyncOpenAI, i: int, streaming: list[int]) -> str:
         kwargs = dict(model="demo", messages=[{"role": "user", "content": questions[i % 4]}], temperature=0.8,
                       seed=i, max_tokens=120, extra_body={"ignore_eos": True})
         if i % 2:
             return (await client.chat.completions.create(**kwargs)).choices[0].message.content
-        stream = await client.chat.completions.create(stream=True, **kwargs)
-        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        text = []
+        async for chunk in await client.chat.completions.create(stream=True, **kwargs):
+            if chunk.choices and chunk.choices[0].delta.content:
+                streaming += [i] if not text else []
+                text.append(chunk.choices[0].delta.content)
+        return "".join(text)
 
     async def all_of_them(kill: bool) -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=asker, max_retries=0, timeout=300)
-        tasks = [asyncio.create_task(one(client, i)) for i in range(40)]
-        if kill:
-            await asyncio.sleep(1.5)
+        streaming: list[int] = []
+        tasks = [asyncio.create_task(one(client, i, streaming)) for i in range(40)]
+        if kill:  # once generation is under way on both workers, however slow the machine
+            while len(streaming) < 10:
+                await asyncio.sleep(0.05)
             workers[0].send_signal(signal.SIGKILL)
         return await asyncio.gather(*tasks)
 
