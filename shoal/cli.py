@@ -12,6 +12,7 @@ from shoal.coordinator.admission import AuthError, Limits
 from shoal.engine import Engine, EngineConfig, EngineError, SamplingParams, Stats
 from shoal.model import DEMO_PATH
 from shoal.model.errors import ModelError
+from shoal.plans.commands import app as plans_app
 
 app = typer.Typer(help="shoal: a distributed LLM inference network.", no_args_is_help=True)
 console = Console()
@@ -178,6 +179,12 @@ def serve(
     verify_rate: Annotated[float, typer.Option("--verify-rate", min=0.0, max=1.0,
                                                help="Share of route steps a second replica recomputes to check.")]
     = 0.0,
+    plan_dir: Annotated[Path, typer.Option("--plan-dir", envvar="SHOAL_PLAN_DIR",
+                                           help="Compiled plans served at POST /v1/plans/{name}.")]
+    = Path("artifacts/plans"),
+    redis_url: Annotated[str | None, typer.Option("--redis", envvar="SHOAL_REDIS",
+                                                  help="Redis URL for the redis endpoints plans call.")]
+    = None,
 ) -> None:
     """Serve the OpenAI-compatible API and the web chat page at http://HOST:PORT/."""
     from shoal.serve import ServeSettings
@@ -187,7 +194,7 @@ def serve(
     config = EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb, kv_disk_dir=disk, kv_disk_gb=kv_disk_gb)
     settings = ServeSettings(model, model_name, host, port, config,
                              Limits(rpm, streams, tpm), api_key or [], api_keys_file, private, local_worker,
-                             worker_token or [], db, verify_rate)
+                             worker_token or [], db, verify_rate, plan_dir, redis_url)
     try:
         run_server(settings)
     except (ModelError, EngineError, AuthError) as e:
@@ -282,6 +289,7 @@ def _layers(text: str) -> tuple[int, int]:
 
 tokens = typer.Typer(help="Worker tokens and user API keys in the kudos ledger.", no_args_is_help=True)
 app.add_typer(tokens, name="token")
+app.add_typer(plans_app, name="plan")
 
 
 @tokens.command("create")

@@ -17,6 +17,8 @@ from shoal.coordinator.coordinator import Coordinator
 from shoal.engine import Engine, EngineConfig
 from shoal.model import DEMO_PATH
 from shoal.model.weights import weights_fingerprint
+from shoal.plans.context import Services
+from shoal.plans.runtime import Plans, default_dir
 from shoal.store.ledger import Ledger, digest
 from shoal.worker.agent import WorkerAgent
 from shoal.worker.channel import channel_pair
@@ -39,6 +41,8 @@ class ServeSettings:
     worker_tokens: list[str] = field(default_factory=list)
     db: str = "sqlite:///shoal.db"
     verify_rate: float = 0.0
+    plan_dir: Path = field(default_factory=default_dir)
+    redis_url: str | None = None
 
     @property
     def name(self) -> str:
@@ -53,6 +57,8 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     server = Server(Coordinator(verify_rate=settings.verify_rate), Admission(settings.limits), keys,
                     private=settings.private,
                     worker_tokens={digest(t) for t in settings.worker_tokens}, ledger=ledger)
+    services = Services(redis_url=settings.redis_url)
+    server.plans = Plans(settings.plan_dir, services, on_late=server.metrics.plan_late.inc)
     app = create_app(server)
 
     @contextlib.asynccontextmanager
@@ -73,6 +79,7 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
         finally:
             for task in tasks:
                 task.cancel()
+            await server.plans.close()
             if local is not None:
                 await asyncio.to_thread(local.close)
 

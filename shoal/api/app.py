@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request, Response
 
 from shoal import __version__
-from shoal.api import errors, horde, openai, web, workers
+from shoal.api import errors, horde, openai, plans, web, workers
 from shoal.api.errors import APIError
 from shoal.api.metrics import Metrics
 from shoal.coordinator.admission import Admission, ApiKeys, AuthError, Limits, RateLimited, Ticket, TooLarge, client_key
 from shoal.coordinator.coordinator import Coordinator
 from shoal.coordinator.jobs import Job
 from shoal.coordinator.workers import WorkerConn
+from shoal.plans.runtime import Plans
 from shoal.store.ledger import Account, Ledger, job_reward
 
 
@@ -27,6 +28,7 @@ class Server:
     private: bool = False
     worker_tokens: set[str] = field(default_factory=set)  # sha256 of the tokens remote workers present
     ledger: Ledger = field(default_factory=lambda: Ledger("sqlite://"))
+    plans: Plans | None = None
 
     def __post_init__(self) -> None:
         self.coordinator.on_done = self.settle
@@ -101,6 +103,7 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(web.router)
     app.include_router(workers.router)
     app.include_router(horde.router)
+    app.include_router(plans.router)
     app.state.horde = {}
 
     @app.get("/health", tags=["ops"])

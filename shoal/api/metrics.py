@@ -25,6 +25,11 @@ class Metrics:
         self.rate_limited = Counter("shoal_rate_limited", "Requests refused by fair use", ["limit"], registry=r)
         self.hit_rate = Gauge("shoal_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache", registry=r)
         self.kv_usage = Gauge("shoal_kv_cache_usage", "Fraction of KV blocks in use", registry=r)
+        self.plan_runs = Counter("shoal_plan_runs", "Plan requests by outcome (ok, error)", ["outcome"], registry=r)
+        self.plan_latency = Histogram("shoal_plan_latency_seconds", "Plan request latency", buckets=LATENCY,
+                                      registry=r)
+        self.plan_late = Counter("shoal_plan_late_completions", "Plan node results that landed after their deadline "
+                                 "and were discarded", registry=r)
         self.kv_disk = Gauge("shoal_kv_disk", "The prefix cache's disk tier, summed over workers: hits, misses, "
                              "saves by reason, dropped saves, evictions, corrupt files, bytes, load and save times",
                              ["stat"], registry=r)
