@@ -86,15 +86,17 @@ def test_a_deadline_answers_a_timeout_and_counts_the_late_result(demo):
     assert done.returncode == 1 and json.loads(done.stdout) == {"error": "Node execution timeout"}
 
 
-def test_compiling_twice_gives_the_same_bytes_as_the_shipped_artifact(tmp_path):
+def test_compiling_twice_gives_the_same_bytes_as_the_shipped_artifacts(tmp_path):
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "plans").glob("*.py"))
     for out in ("a", "b"):
-        done = shoal("plan", "compile", "plans/complex_dag.py", "--out", str(tmp_path / out))
+        done = shoal("plan", "compile", *sources, "--out", str(tmp_path / out))
         assert done.returncode == 0, done.stderr
-    first = (tmp_path / "a" / "complex_dag.plan.json").read_bytes()
-    assert first == (tmp_path / "b" / "complex_dag.plan.json").read_bytes() == (PLANS / "complex_dag.plan.json"
-                                                                                ).read_bytes()
+    for shipped in PLANS.glob("*.plan.json"):
+        first = (tmp_path / "a" / shipped.name).read_bytes()
+        assert first == (tmp_path / "b" / shipped.name).read_bytes() == shipped.read_bytes()
+    assert len(list(PLANS.glob("*.plan.json"))) == len(sources) == 2
     listed = shoal("plan", "list", "--plan-dir", str(PLANS))
-    assert json.loads(listed.stdout.splitlines()[0])["name"] == "complex_dag"
+    assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["best_of_n", "complex_dag"]
 
 
 def test_bad_requests_are_named(demo):
@@ -127,7 +129,7 @@ def test_the_plan_api_runs_plans_and_counts_late_results(demo):
     url, proc = start_server("--no-local-worker", "--plan-dir", str(PLANS), "--redis",
                              f"redis://127.0.0.1:{proxy.port}/0", "--rpm", "0", ready=("ok", "no_workers"))
     try:
-        assert httpx.get(f"{url}/v1/plans").json() == {"plans": ["complex_dag"]}
+        assert httpx.get(f"{url}/v1/plans").json() == {"plans": ["best_of_n", "complex_dag"]}
         ok = httpx.post(f"{url}/v1/plans/complex_dag", json={"user_id": 123}, timeout=30)
         assert ok.status_code == 200 and [c["id"] for c in ok.json()["candidates"]] == EXPECTED
         late = httpx.post(f"{url}/v1/plans/complex_dag", json={"user_id": 123, "deadline_ms": 20}, timeout=30)

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from shoal.api import best_of
 from shoal.api.errors import APIError
-from shoal.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from shoal.api.schemas import FINISH, ChatCompletionRequest, CompletionRequest, SamplingFields
 from shoal.coordinator.admission import Ticket
 from shoal.coordinator.coordinator import ModelNotFound, NoCapacity, TooLong
 from shoal.coordinator.jobs import Job
@@ -18,7 +19,6 @@ from shoal.worker.channel import Message
 
 router = APIRouter(tags=["openai"])
 log = logging.getLogger("shoal.api")
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length"}
 
 
 @router.get("/v1/models")
@@ -51,6 +51,8 @@ class Choice:
 
 
 async def _complete(request: Request, body: SamplingFields, prompt: object, chat: bool) -> dict | StreamingResponse:
+    if body.best_of is not None and body.best_of > 1:
+        return await best_of.complete(request, body, prompt, chat)
     server = request.app.state.server
     started = time.monotonic()
     if body.n > 1 and body.session_id:

@@ -2,6 +2,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length"}  # engine -> OpenAI
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -27,6 +29,7 @@ class SamplingFields(BaseModel):
 
     model: str
     n: int = Field(1, ge=1, le=16)
+    best_of: int | None = Field(None, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0, le=2)
@@ -61,6 +64,16 @@ class SamplingFields(BaseModel):
             if not token.isdigit() or not -100 <= bias <= 100:
                 raise ValueError("logit_bias maps token ids (as strings) to biases in [-100, 100]")
         return v
+
+    @model_validator(mode="after")
+    def _best_of(self) -> "SamplingFields":
+        if self.best_of is None:
+            return self
+        if self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream or self.session_id or self.logprobs_k() is not None:
+            raise ValueError("best_of cannot be combined with stream, session_id or logprobs")
+        return self
 
     def limit(self) -> int | None:
         return self.max_tokens

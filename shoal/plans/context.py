@@ -16,23 +16,25 @@ MAX_USER_ID = 2**32 - 1
 
 @dataclass(frozen=True)
 class PlanRequest:
-    user_id: int
+    user_id: int | None
     request_id: str
     params: dict[str, Any] = field(default_factory=dict)
+    prompt: str | list | None = None  # what `generate` runs when it has no template
 
     @classmethod
-    def parse(cls, body: Any) -> "PlanRequest":
-        """From a request object {"user_id", "request_id"?, "param_overrides"?}; every problem is named."""
+    def parse(cls, body: Any, needs: tuple[str, ...] = ("user_id",)) -> "PlanRequest":
+        """From {"user_id"?, "request_id"?, "param_overrides"?, "prompt"?}; `needs` are the fields the plan's
+        operators read (viewer reads user_id). Every problem is named."""
         if not isinstance(body, dict):
             raise PlanError("a plan request is a JSON object")
-        if unknown := set(body) - {"user_id", "request_id", "param_overrides"}:
+        if unknown := set(body) - {"user_id", "request_id", "param_overrides", "prompt"}:
             raise PlanError(f"unknown request field(s): {', '.join(sorted(unknown))}")
-        if "user_id" not in body:
-            raise PlanError("missing required field: user_id")
-        user = body["user_id"]
+        if missing := [f for f in needs if body.get(f) is None]:
+            raise PlanError(f"missing required field: {', '.join(missing)}")
+        user = body.get("user_id")
         if isinstance(user, str) and user.isdigit():
             user = int(user)
-        if isinstance(user, bool) or not isinstance(user, int) or not 1 <= user <= MAX_USER_ID:
+        if user is not None and (isinstance(user, bool) or not isinstance(user, int) or not 1 <= user <= MAX_USER_ID):
             raise PlanError(f"user_id must be an integer from 1 to {MAX_USER_ID}, got {body['user_id']!r}")
         request_id = body.get("request_id") or uuid.uuid4().hex
         if not isinstance(request_id, str):
@@ -40,7 +42,11 @@ class PlanRequest:
         overrides = body.get("param_overrides") or {}
         if not isinstance(overrides, dict):
             raise PlanError("param_overrides must be an object")
-        return cls(user, request_id, {name: _param(name, value) for name, value in overrides.items()})
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt and (
+                all(isinstance(m, dict) for m in prompt) or all(type(t) is int for t in prompt))):
+            raise PlanError("prompt must be text, token ids or chat messages")
+        return cls(user, request_id, {name: _param(name, value) for name, value in overrides.items()}, prompt)
 
 
 def _param(name: str, value: Any) -> Any:
@@ -52,12 +58,11 @@ def _param(name: str, value: Any) -> Any:
 
 
 class Services:
-    """Clients shared by every plan run in one process: one Redis pool per endpoint, its in-flight limit,
-    and the LLM generator the coordinator lends. Bound to the event loop that first uses them."""
+    """Clients shared by every plan run in one process: one Redis pool per endpoint with its in-flight
+    limit, bound to the event loop that first uses them."""
 
-    def __init__(self, env: str | None = None, redis_url: str | None = None,
-                 generate: Callable[..., Awaitable[Any]] | None = None):
-        self.env, self.redis_url, self.generate = env or default_env(), redis_url, generate
+    def __init__(self, env: str | None = None, redis_url: str | None = None):
+        self.env, self.redis_url = env or default_env(), redis_url
         self._redis: dict[str, tuple[aioredis.Redis, asyncio.Semaphore, float]] = {}
 
     async def redis(self, endpoint: str, call: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
@@ -83,7 +88,12 @@ class Services:
         self._redis.clear()
 
 
+# (model or None for the served one, prompt, sampling params) -> {text, logprob, completion_tokens, ...}
+Generate = Callable[[str | None, str | list[dict], dict], Awaitable[dict]]
+
+
 @dataclass(frozen=True)
 class Context:
     request: PlanRequest
     services: Services
+    generate: Generate | None = None  # lent by the server for the request's caller

@@ -6,7 +6,7 @@ import numpy as np
 from shoal.plans.context import Context
 from shoal.plans.evaluate import evaluate, test
 from shoal.plans.registry import PlanError
-from shoal.plans.rowset import Column, RowSet
+from shoal.plans.rowset import Batch, Column, RowSet
 
 
 def vm(ctx: Context, params: dict, rows: list[RowSet]) -> RowSet:
@@ -32,3 +32,7 @@ def take(ctx: Context, params: dict, rows: list[RowSet]) -> RowSet:
 
 def concat(ctx: Context, params: dict, rows: list[RowSet]) -> RowSet:
     return rows[0].concat(rows[1])
+
+
+def request(ctx: Context, params: dict, rows: list[RowSet]) -> RowSet:
+    return RowSet(Batch.build([ctx.request.user_id or 0]))

@@ -34,7 +34,7 @@ class _Node:
 
     def __bool__(self) -> bool:
         raise PlanError("an expression has no truth value while a plan is built: use &, |, ~ (not and, or, not) "
-                        "and write a < x & x < b, not a < x < b")
+                        "and write (a < x) & (x < b), not a < x < b")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.ir})"

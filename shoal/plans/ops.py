@@ -3,14 +3,14 @@
 The compiler checks plans against these schemas and the scheduler runs `run`: I/O ops are coroutines
 on the event loop, the others run on the CPU pool. Param types: int, float, string, choice, key (a
 registry key), out_key (a writable float key), expr, pred, node (another node, a dependency as
-much as an input), endpoint.
+much as an input), endpoint, object (a JSON object).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.plans import cpu_ops, redis_ops
+from shoal.plans import cpu_ops, llm_ops, redis_ops
 from shoal.plans.registry import PlanError
 
 
@@ -52,6 +52,14 @@ OPS: dict[str, Op] = {op.name: op for op in [
        doc="Stable sort by key, nulls last; reorders, copies nothing."),
     Op("take", 1, {"count": Param("int", minimum=1)}, run=cpu_ops.take, doc="The first count rows; copies nothing."),
     Op("concat", 1, {"rhs": Param("node")}, run=cpu_ops.concat, doc="The input's rows, then rhs's, in a new batch."),
+    Op("request", 0, run=cpu_ops.request, doc="The request itself as one row (id = user_id, or 0)."),
+    Op("generate", 1, {"samples": Param("int", False, 1, minimum=1), "template": Param("string", False),
+                       "model": Param("string", False), "params": Param("object", False, {})},
+       io=True, run=llm_ops.generate,
+       doc="Per row, `samples` generations of template (filled from the row) or of the request's prompt, "
+           "through the coordinator's queue; params are sampling params (temperature, max_tokens, seed, ...)."),
+    Op("score", 1, {"out_key": Param("out_key"), "length_penalty": Param("float", False, 1.0)}, run=llm_ops.score,
+       doc="Ranks generations: summed logprob / completion_tokens ** length_penalty."),
 ]}
 
 

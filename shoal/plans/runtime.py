@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.plans import ops
-from shoal.plans.context import Context, PlanRequest, Services
+from shoal.plans.context import Context, Generate, PlanRequest, Services
 from shoal.plans.registry import PlanError
 from shoal.plans.scheduler import Executor, Step
 from shoal.plans.validate import NAME, deps, validate
@@ -55,6 +55,13 @@ def _path(directory: Path, name: str) -> Path:
     return path
 
 
+def needs(artifact: dict) -> tuple[str, ...]:
+    """The request fields the plan's operators read: viewer the user, a generate without a template the prompt."""
+    ops_used = {(n["op"], "template" in n["params"]) for n in artifact["nodes"]}
+    return (*(("user_id",) if any(op == "viewer" for op, _ in ops_used) else ()),
+            *(("prompt",) if ("generate", False) in ops_used else ()))
+
+
 class Plans:
     """The compiled plans in one directory, and what runs them (shared by every request)."""
 
@@ -71,13 +78,17 @@ class Plans:
         return self._cache[name][1]
 
     async def run(self, name: str, body: Any, deadline_ms: float | None = None,
-                  node_timeout_ms: float | None = None) -> dict:
+                  node_timeout_ms: float | None = None, generate: Generate | None = None) -> dict:
         """{"request_id", "candidates"}; PlanError for a bad request, NodeError when a node fails or overruns."""
-        artifact, request = self.get(name), PlanRequest.parse(body)
+        return await self.run_artifact(self.get(name), body, deadline_ms, node_timeout_ms, generate)
+
+    async def run_artifact(self, artifact: dict, body: Any, deadline_ms: float | None = None,
+                           node_timeout_ms: float | None = None, generate: Generate | None = None) -> dict:
+        request = PlanRequest.parse(body, needs(artifact))
         for limit, value in (("deadline_ms", deadline_ms), ("node_timeout_ms", node_timeout_ms)):
             if value is not None and not value > 0:
                 raise PlanError(f"{limit} must be positive, got {value}")
-        steps = bind(artifact, Context(request, self.services))
+        steps = bind(artifact, Context(request, self.services, generate))
         results = await self.executor.run(steps, artifact["outputs"], deadline_ms, node_timeout_ms)
         return {"request_id": request.request_id, "candidates": results[artifact["outputs"][0]].records()}
 

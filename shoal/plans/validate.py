@@ -75,12 +75,7 @@ def _node(node: Any, ids: set, exprs: dict, preds: dict) -> None:
 
 def _param(value: Any, param: ops.Param, where: str, ids: set, exprs: dict, preds: dict) -> None:
     registry, kind = load(), param.type
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
-          "string": isinstance(value, str), "choice": value in param.choices,
-          "key": isinstance(value, str), "out_key": isinstance(value, str), "expr": value in exprs,
-          "pred": value in preds, "node": value in ids, "endpoint": isinstance(value, str)}[kind]
-    if not ok:
+    if not _typed(value, param, {"expr": exprs, "pred": preds, "node": ids}):
         expected = f"one of {param.choices}" if kind == "choice" else f"a {kind}"
         raise PlanError(f"{where} must be {expected}, got {value!r}")
     if param.minimum is not None and value < param.minimum:
@@ -93,6 +88,17 @@ def _param(value: Any, param: ops.Param, where: str, ids: set, exprs: dict, pred
         _named(registry.endpoint, value, where)
     if kind == "expr" and _expr(exprs[value], where) == "string":
         raise PlanError(f"{where}: expression {value} gives a string; only numbers can be written")
+
+
+def _typed(value: Any, param: ops.Param, tables: dict) -> bool:
+    kind = param.type
+    if isinstance(value, bool) or kind == "object":
+        return kind == "object" and isinstance(value, dict)
+    if kind in tables:
+        return isinstance(value, str) and value in tables[kind]
+    if kind == "choice":
+        return isinstance(value, str | int | float) and value in param.choices
+    return isinstance(value, {"int": int, "float": int | float}.get(kind, str))
 
 
 def _named(lookup, name: str, where: str):
