@@ -121,7 +121,12 @@ def compile_file(source: Path) -> dict:
     if spec is None or spec.loader is None:
         raise PlanError(f"{source} is not a Python file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except PlanError:
+        raise
+    except Exception as e:  # the plan's own Python: its error, named, instead of a traceback
+        raise PlanError(f"{source}: {type(e).__name__}: {e}") from e
     plans = [v for v in vars(module).values() if isinstance(v, PlanDef)]
     if len(plans) != 1:
         raise PlanError(f"{source}: expected one define_plan(...), found {len(plans)}")

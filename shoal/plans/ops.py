@@ -64,7 +64,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
 
 
 def get(name: str) -> Op:
-    if name not in OPS:
+    if not isinstance(name, str) or name not in OPS:
         raise PlanError(f"unknown op {name!r} (known: {', '.join(sorted(OPS))})")
     return OPS[name]
 

@@ -59,7 +59,7 @@ class Registry:
 
 
 def _lookup(table: dict, name: str, what: str):
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise PlanError(f"unknown {what} {name!r} (known: {', '.join(sorted(table))})")
     return table[name]
 

@@ -82,7 +82,11 @@ class Executor:
                 spawn()
 
         spawn()
-        await finished
+        try:
+            await finished
+        except asyncio.CancelledError:  # nobody waits for the answer now: start nothing more
+            state["error"] = "cancelled"
+            raise
         if state["error"] is not None:
             raise NodeError(state["error"])
         return {o: results[o] for o in outputs}

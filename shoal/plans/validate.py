@@ -1,5 +1,6 @@
 """Fail-closed validation of a plan artifact: anything unknown or ill-typed is refused, with its cause."""
 
+import math
 import re
 from typing import Any
 
@@ -28,7 +29,9 @@ def validate(artifact: Any) -> None:
     if not isinstance(exprs, dict) or not isinstance(preds, dict):
         raise PlanError("expr_table and pred_table must be objects")
     ids = [node.get("node_id") if isinstance(node, dict) else None for node in nodes]
-    if len(set(map(str, ids))) != len(ids):
+    if not all(isinstance(i, str) for i in ids):
+        raise PlanError(f"every node needs a string node_id, got {ids}")
+    if len(set(ids)) != len(ids):
         raise PlanError(f"node_id must be unique, got {ids}")
     for expr_id, ir in exprs.items():
         _expr(ir, f"expr {expr_id}")
@@ -58,7 +61,7 @@ def _node(node: Any, ids: set, exprs: dict, preds: dict) -> None:
     spec = ops.get(node["op"])
     where = f"{where} ({spec.name})"
     inputs, params = node["inputs"], node["params"]
-    if not isinstance(inputs, list) or len(inputs) != spec.inputs:
+    if not isinstance(inputs, list) or len(inputs) != spec.inputs or not all(isinstance(i, str) for i in inputs):
         raise PlanError(f"{where}: takes {spec.inputs} input(s), got {inputs!r}")
     if missing := [i for i in inputs if i not in ids]:
         raise PlanError(f"{where}: missing input node(s) {missing}")
@@ -76,7 +79,7 @@ def _node(node: Any, ids: set, exprs: dict, preds: dict) -> None:
 def _param(value: Any, param: ops.Param, where: str, ids: set, exprs: dict, preds: dict) -> None:
     registry, kind = load(), param.type
     if not _typed(value, param, {"expr": exprs, "pred": preds, "node": ids}):
-        expected = f"one of {param.choices}" if kind == "choice" else f"a {kind}"
+        expected = f"one of {param.choices}" if kind == "choice" else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         raise PlanError(f"{where} must be {expected}, got {value!r}")
     if param.minimum is not None and value < param.minimum:
         raise PlanError(f"{where} must be at least {param.minimum}, got {value!r}")
@@ -112,6 +115,8 @@ def _expr(ir: Any, where: str) -> str:
     """Check an expression; returns its type: float, string or null."""
     op = ir.get("op") if isinstance(ir, dict) else None
     if op == "const" and isinstance(ir.get("value"), int | float | str) and not isinstance(ir["value"], bool):
+        if isinstance(ir["value"], float) and not math.isfinite(ir["value"]):
+            raise PlanError(f"{where}: constants must be finite, got {ir['value']}")
         return "string" if isinstance(ir["value"], str) else "float"
     if op == "null":
         return "null"
@@ -161,7 +166,8 @@ def _pred(ir: Any, where: str) -> None:
 
 
 def _acyclic(nodes: list[dict]) -> None:
-    """Kahn's algorithm over inputs and node-ref params: whatever is never freed lies on a cycle."""
+    """Kahn's algorithm over inputs and node-ref params; of what is never freed, the nodes that only
+    follow a cycle are peeled off, so the error names the cycle itself."""
     waiting = {n["node_id"]: set(deps(n)) for n in nodes}
     ready = [i for i, d in waiting.items() if not d]
     while ready:
@@ -171,5 +177,9 @@ def _acyclic(nodes: list[dict]) -> None:
                 d.discard(done)
                 if not d:
                     ready.append(node_id)
-    if stuck := sorted(i for i, d in waiting.items() if d):
-        raise PlanError(f"the plan has a cycle through nodes {stuck}")
+    stuck = {i: d for i, d in waiting.items() if d}
+    while tails := [i for i in stuck if not any(i in d for d in stuck.values())]:
+        for i in tails:
+            del stuck[i]
+    if stuck:
+        raise PlanError(f"the plan has a cycle through nodes {sorted(stuck)}")
