@@ -76,7 +76,8 @@ class Services:
         client, limit, timeout = self._redis[endpoint]
         async with limit:
             try:
-                return await asyncio.wait_for(call(client), timeout)
+                async with asyncio.timeout(timeout):
+                    return await call(client)
             except TimeoutError:
                 raise PlanError(f"redis endpoint {endpoint}: no reply within {timeout * 1000:.0f} ms") from None
             except (RedisError, OSError) as e:

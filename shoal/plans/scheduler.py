@@ -97,11 +97,10 @@ class Executor:
         if request_deadline is not None and now >= request_deadline:
             raise NodeError(REQUEST_DEADLINE)
         ends = [d for d in (request_deadline, now + node_timeout_ms / 1000 if node_timeout_ms else None) if d]
-        loop = asyncio.get_running_loop()
-        work = (loop.create_task(step.fn(inputs)) if step.io
+        if not ends:  # nothing to race: the step runs in this task
+            return await (step.fn(inputs) if step.io else asyncio.wrap_future(self.pool.submit(step.fn, inputs)))
+        work = (asyncio.get_running_loop().create_task(step.fn(inputs)) if step.io
                 else asyncio.wrap_future(self.pool.submit(step.fn, inputs)))
-        if not ends:
-            return await work
         done, _ = await asyncio.wait({work}, timeout=min(ends) - now)
         if work in done:
             return work.result()
