@@ -12,9 +12,10 @@ exit) seeded with `shoal.plans.demo.seed`; one event loop, one `Plans` (cpu_thre
 - scheduler_overhead_us_per_node (target < 50): Executor.run on a synthetic plan of N trivial steps, as a
   chain and as a wide fan (one root, N - 2 leaves, one sink), with io steps (coroutines that return at once)
   and cpu steps (plain functions, run on the pool); the median time of a run minus the median time of calling
-  the same functions in a plain loop (awaited for io, called inline for cpu), over N. For cpu steps the
-  overhead includes the thread-pool hop; `pool_hop_us` is that hop alone (await wrap_future(pool.submit) in a
-  loop, no scheduler), so the scheduler's bookkeeping is roughly the difference.
+  the same functions in a plain loop (awaited for io, called inline for cpu), over N. The executor fuses a
+  chain of cpu steps into one trip to the pool, so cpu_chain is a fused chain's cost per node; in the fan
+  every cpu step is its own trip, so cpu_fan includes a thread-pool hop per node; `pool_hop_us` is that hop
+  alone (await wrap_future(pool.submit) in a loop, no scheduler).
 - wall_over_critical_path: complex_dag through an asyncio TCP proxy in front of Redis that holds every
   client-to-server chunk for D ms (per connection and direction, in order), so each round trip costs about D.
   The critical path is 4 round trips (viewer, follow's LRANGEs, follow's HGETALLs, media) and the nodes' round

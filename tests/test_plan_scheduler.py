@@ -12,7 +12,7 @@ from shoal.plans import cpu_ops, ops
 from shoal.plans.context import Context, PlanRequest, Services
 from shoal.plans.rowset import Batch, RowSet
 from shoal.plans.runtime import Plans, bind
-from shoal.plans.scheduler import NODE_TIMEOUT, REQUEST_DEADLINE, Executor, NodeError, Step
+from shoal.plans.scheduler import NODE_TIMEOUT, REQUEST_DEADLINE, Executor, NodeError, Step, fuse
 from shoal.plans.validate import validate
 
 
@@ -303,3 +303,23 @@ def test_sort_and_take_through_bind_and_the_executor_share_the_source_batch(monk
     for derived in results.values():
         assert_shares_every_column(derived, base)
     assert np.shares_memory(results["n2"].batch.columns["score"].values, base.batch.columns["score"].values)
+
+
+def test_a_chain_of_cpu_steps_is_one_trip_to_the_pool_and_errors_name_their_node(executor):
+    def boom(inputs: list):
+        raise ValueError("bad rows")
+
+    src = Step("src", (), True, lambda inputs: asyncio.sleep(0, 1))
+    chain = [src, Step("a", ("src",), False, lambda i: i[0] + 1), Step("b", ("a",), False, lambda i: i[0] * 10),
+             Step("c", ("b",), False, lambda i: i[0] - 3), Step("side", ("a",), True, lambda i: asyncio.sleep(0, 0))]
+    fused = fuse(chain[:4], ["c"], {"error": None})
+    assert [(s.node_id, s.deps) for s in fused] == [("src", ()), ("c", ("src",))]
+    assert [s.node_id for s in fuse(chain, ["c"], {"error": None})] == ["src", "a", "c", "side"]  # a has 2 users
+    submitted = []
+    submit = executor.pool.submit
+    executor.pool.submit = lambda fn, *args: submitted.append(fn) or submit(fn, *args)
+    assert asyncio.run(executor.run(chain[:4], ["c"])) == {"c": 17}
+    assert len(submitted) == 1
+    failing = [*chain[:2], Step("b", ("a",), False, boom), chain[3]]
+    with pytest.raises(NodeError, match=r"^node b: bad rows$"):
+        asyncio.run(executor.run(failing, ["c"]))

@@ -1,8 +1,8 @@
 """The async DAG scheduler (seed 004): deps_remaining, a ready queue, an in-flight count, the first error.
 
 All scheduler state lives on the event loop. I/O steps are coroutines on the loop; CPU steps run on
-a thread pool. Fail-fast: after the first error nothing new spawns, and a run ends only when
-in-flight work is down to zero. A step that overruns its deadline (the earlier of the request's
+a thread pool, a chain of them in one trip. Fail-fast: after the first error nothing new spawns,
+and a run ends only when in-flight work is down to zero. A step that overruns its deadline (the earlier of the request's
 and start + node timeout) fails with "Node execution timeout"; its work is not cancelled but left to
 finish, and its result is then discarded and counted as a late completion.
 """
@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 NODE_TIMEOUT = "Node execution timeout"
@@ -31,6 +32,45 @@ class Step:
     fn: Callable[[list[Any]], Any]  # gets the deps' results in order; a coroutine function when io
 
 
+def fuse(steps: list[Step], outputs: list[str], state: dict) -> list[Step]:
+    """CPU steps in a chain (each the only user of the one before, and its only input) become one step, so
+    the chain costs one trip to the pool, not one per node (concat → sort → take in most plans). Once the
+    run has an error (a timeout) the chain stops before its next node, as the scheduler would."""
+    users: dict[str, list[Step]] = {s.node_id: [] for s in steps}
+    for s in steps:
+        for d in s.deps:
+            users[d].append(s)
+
+    def follower(a: Step) -> Step | None:
+        if a.io or a.node_id in outputs or len(users[a.node_id]) != 1:
+            return None
+        b = users[a.node_id][0]
+        return b if not b.io and b.deps == (a.node_id,) else None
+
+    inner = {b.node_id for a in steps if (b := follower(a)) is not None}
+    fused = []
+    for head in (s for s in steps if s.node_id not in inner):
+        chain = [head]
+        while (b := follower(chain[-1])) is not None:
+            chain.append(b)
+        fused.append(head if len(chain) == 1 else
+                     Step(chain[-1].node_id, head.deps, False, partial(_run_chain, chain, state)))
+    return fused
+
+
+def _run_chain(chain: list[Step], state: dict, inputs: list[Any]) -> Any:
+    for i, step in enumerate(chain):
+        if i and state["error"] is not None:
+            raise NodeError(state["error"])
+        try:
+            inputs = [step.fn(inputs)]
+        except NodeError:
+            raise
+        except Exception as e:  # named after the node it happened in, not the chain's last
+            raise NodeError(f"node {step.node_id}: {e}") from e
+    return inputs[0]
+
+
 class Executor:
     def __init__(self, cpu_threads: int = 4, on_late: Callable[[], None] | None = None):
         self.pool = ThreadPoolExecutor(cpu_threads, thread_name_prefix="shoal-plan")
@@ -43,6 +83,8 @@ class Executor:
         """Run the steps in dependency order; the outputs' results, or NodeError with the first error."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+        state: dict[str, Any] = {"inflight": 0, "error": None}
+        steps = fuse(steps, outputs, state)
         by_id = {s.node_id: s for s in steps}
         successors: dict[str, list[str]] = {s.node_id: [] for s in steps}
         for s in steps:
@@ -51,7 +93,6 @@ class Executor:
         deps_remaining = {s.node_id: len(s.deps) for s in steps}
         ready = deque(s.node_id for s in steps if not s.deps)
         results: dict[str, Any] = {}
-        state = {"inflight": 0, "error": None}
         tasks: set[asyncio.Task] = set()
         finished = loop.create_future()
 
