@@ -145,7 +145,8 @@ class Pipeline:
         began = time.monotonic()
         await self.send(worker, msg)
         try:
-            reply = await asyncio.wait_for(future, self.step_timeout_s)
+            async with asyncio.timeout(self.step_timeout_s):
+                reply = await future
         except TimeoutError as e:
             self._waiting.pop((msg["session"], key), None)
             raise HopFailed(worker, f"stalled for {self.step_timeout_s} s") from e

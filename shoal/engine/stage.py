@@ -184,8 +184,8 @@ class StageEngine:
             batch = AttentionBatch.build([s.block_table for s, _ in group], [step.position for _, step in group],
                                          [len(step.inputs) for _, step in group], BLOCK_SIZE,
                                          model.config.sliding_window, model.device)
-            inputs = torch.cat([step.inputs.to(model.device) for _, step in group])
-            hidden = model(inputs, batch, self.kv, start, end)
+            inputs = torch.cat([step.inputs for _, step in group]) if len(group) > 1 else group[0][1].inputs
+            hidden = model(inputs.to(model.device), batch, self.kv, start, end)
         except Exception as e:
             log.exception("stage forward failed")
             for _, step in group:
