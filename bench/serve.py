@@ -2,8 +2,10 @@
 
 For each concurrency: that many clients each stream one chat completion (64 tokens, ignore_eos)
 from a live server on the demo model; then the same requests go straight into an in-process
-Engine. Prints one JSON object: TTFT and inter-token latency p50/p99, served tokens/s, engine
-tokens/s and served_over_engine (the HTTP layer's cost; 1.0 means none).
+Engine with the same number of math threads as `shoal serve` gives its own (one per core less
+one). Prints one JSON object: TTFT and inter-token latency p50/p99, served tokens/s (counted from
+each stream's usage), engine tokens/s and served_over_engine (the HTTP layer's cost, the client's
+share of the cores included; 1.0 means none).
 Usage: python bench/serve.py [--levels 1,8,32,128] [--tokens 64]
 """
 
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import start_server
@@ -34,14 +37,16 @@ def messages(i: int) -> list[dict]:
 async def client(http: httpx.AsyncClient, i: int, tokens: int) -> tuple[float, list[float], int]:
     """(TTFT, gaps between chunks, tokens) of one streamed request."""
     body = {"model": "demo", "messages": messages(i), "stream": True, "max_tokens": tokens, "ignore_eos": True,
-            "temperature": 0.7, "seed": i}
-    started, stamps = time.perf_counter(), []
+            "temperature": 0.7, "seed": i, "stream_options": {"include_usage": True}}
+    started, stamps, used = time.perf_counter(), [], 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: {") and '"content"' in line:
                 stamps.append(time.perf_counter())
-    return stamps[0] - started, [b - a for a, b in itertools.pairwise(stamps)], len(stamps)
+            elif line.startswith('data: {') and '"usage"' in line:
+                used = json.loads(line.removeprefix("data: "))["usage"]["completion_tokens"]
+    return stamps[0] - started, [b - a for a, b in itertools.pairwise(stamps)], used
 
 
 async def served(url: str, n: int, tokens: int) -> dict:
@@ -87,8 +92,10 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     url, proc = start_server("--rpm", "0", "--streams", "0", "--tpm", "0", "--private")
+    torch.set_num_threads(max(1, torch.get_num_threads() - 1))  # as `shoal serve` sets its worker's
     engine = Engine.from_dir(DEMO_PATH, EngineConfig())
-    report = {"model": "demo", "tokens_per_request": args.tokens, "levels": {}}
+    report = {"model": "demo", "tokens_per_request": args.tokens, "engine_threads": torch.get_num_threads(),
+              "levels": {}}
     try:
         asyncio.run(served(url, 2, 4))
         asyncio.run(offline(engine, 2, 4))

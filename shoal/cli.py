@@ -161,6 +161,9 @@ def serve(
     kv_disk_dir: DiskOpt = None,
     kv_disk_gb: DiskGBOpt = 4.0,
     n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help=(
+        "CPU threads for the in-process worker's model (default: one per core less one, which the HTTP server "
+        "needs: math threads that share its core spin and stall)."))] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Require this key (repeatable).")] = None,
     api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="Required keys, one a line.")] = None,
     rpm: Annotated[float, typer.Option("--rpm", help="Requests a minute per client (0: no limit).")] = 60,
@@ -187,9 +190,13 @@ def serve(
     = None,
 ) -> None:
     """Serve the OpenAI-compatible API and the web chat page at http://HOST:PORT/."""
+    import torch
+
     from shoal.serve import ServeSettings
     from shoal.serve import serve as run_server
 
+    if local_worker:
+        torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     disk = None if private or kv_disk_dir is None else str(kv_disk_dir)  # private: nothing of a request on disk
     config = EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb, kv_disk_dir=disk, kv_disk_gb=kv_disk_gb)
     settings = ServeSettings(model, model_name, host, port, config,

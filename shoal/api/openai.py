@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -184,25 +185,36 @@ class Run:
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def sse(self) -> AsyncIterator[str]:
-        sent_role = set()
+        """The SSE stream; events already waiting when one is written go out with it, in one send, so a busy
+        server makes fewer, larger writes instead of falling further behind."""
+        pending: list[str] = []
         try:
-            async for i, msg in self.messages():
-                if msg["type"] == "done":
-                    if msg["finish_reason"] == "error":
-                        yield _sse(APIError(500, msg.get("error") or "generation failed",
-                                            code="generation_failed").body())
-                        continue
-                    yield _sse(self._chunk(i, {}, FINISH.get(msg["finish_reason"], "stop")))
-                    continue
-                delta = self._delta(msg, first=i not in sent_role)
-                sent_role.add(i)
-                if delta is not None:
-                    yield _sse(self._chunk(i, delta, None, msg.get("logprobs")))
-            if self.body.stream_options and self.body.stream_options.include_usage:
-                yield _sse({**self._envelope(), "choices": [], "usage": self.usage()})
-            yield "data: [DONE]\n\n"
+            async with contextlib.aclosing(self._events()) as events:
+                async for event in events:
+                    pending.append(event)
+                    if not (len(self.jobs) == 1 and not self.jobs[0].messages.empty()):
+                        yield "".join(pending)
+                        pending.clear()
         finally:
             await self.close()
+
+    async def _events(self) -> AsyncIterator[str]:
+        sent_role = set()
+        async for i, msg in self.messages():
+            if msg["type"] == "done":
+                if msg["finish_reason"] == "error":
+                    yield _sse(APIError(500, msg.get("error") or "generation failed",
+                                        code="generation_failed").body())
+                    continue
+                yield _sse(self._chunk(i, {}, FINISH.get(msg["finish_reason"], "stop")))
+                continue
+            delta = self._delta(msg, first=i not in sent_role)
+            sent_role.add(i)
+            if delta is not None:
+                yield _sse(self._chunk(i, delta, None, msg.get("logprobs")))
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield _sse({**self._envelope(), "choices": [], "usage": self.usage()})
+        yield "data: [DONE]\n\n"
 
     def _delta(self, msg: Message, first: bool) -> dict | None:
         if not self.chat:
