@@ -78,39 +78,49 @@ class AttentionBatch:
     def build(cls, block_tables: list[list[int]], starts: list[int], query_lens: list[int],
               block_size: int = BLOCK_SIZE, sliding_window: int | None = None,
               device: torch.device | str = "cpu") -> "AttentionBatch":
-        positions, slots, seqs, decode, offset = [], [], [], [], 0
-        for table, start, qlen in zip(block_tables, starts, query_lens, strict=True):
-            ctx = start + qlen
+        # Every sequence's context slots in one [n, width] tensor, so the work per tick is a few tensor ops
+        # whatever the batch size; rows past a sequence's context hold slots it never attends to.
+        ctxs = [start + qlen for start, qlen in zip(starts, query_lens, strict=True)]
+        for table, ctx in zip(block_tables, ctxs, strict=True):
             if len(table) * block_size < ctx:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
-            pos = torch.arange(ctx)
-            context_slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-            positions.append(pos[start:])
-            slots.append(context_slots[start:])
+        width, blocks = max(ctxs), max(len(t) for t in block_tables)
+        table = torch.tensor([t + [0] * (blocks - len(t)) for t in block_tables], dtype=torch.long)
+        k = torch.arange(width)
+        all_slots = table[:, k // block_size] * block_size + k % block_size
+        if max(query_lens) == 1:  # decode only: a token a sequence, at its start
+            seq = first = torch.arange(len(ctxs))
+            positions = torch.tensor(starts)
+        else:
+            lens = torch.tensor(query_lens)
+            seq = torch.repeat_interleave(torch.arange(len(ctxs)), lens)
+            first = torch.cumsum(lens, 0) - lens
+            positions = torch.tensor(starts)[seq] + torch.arange(len(seq)) - first[seq]
+        seqs, decode = [], []
+        for i, (start, qlen) in enumerate(zip(starts, query_lens, strict=True)):
             if qlen == 1:
-                decode.append((offset, context_slots))
-            else:
-                mask, causal = _mask(start, qlen, sliding_window)
-                seqs.append(SequenceView(offset, qlen, context_slots.to(device),
-                                         None if mask is None else mask.to(device), causal))
-            offset += qlen
-        group = _decode_group(decode, sliding_window, device) if decode else None
-        return cls(torch.cat(positions).to(device), torch.cat(slots).to(device), seqs, group)
+                decode.append(i)
+                continue
+            mask, causal = _mask(start, qlen, sliding_window)
+            seqs.append(SequenceView(int(first[i]), qlen, all_slots[i, :ctxs[i]].to(device),
+                                     None if mask is None else mask.to(device), causal))
+        group = _decode_group(all_slots, first, ctxs, decode, sliding_window, device) if decode else None
+        return cls(positions.to(device), all_slots[seq, positions].to(device), seqs, group)
 
 
-def _decode_group(decode: list[tuple[int, torch.Tensor]], window: int | None,
-                  device: torch.device | str) -> DecodeGroup:
-    width = max(len(s) for _, s in decode)
-    slots = torch.zeros(len(decode), width, dtype=torch.long)
-    lengths = torch.tensor([len(s) for _, s in decode])
-    for i, (_, s) in enumerate(decode):
-        slots[i, :len(s)] = s
+def _decode_group(all_slots: torch.Tensor, first: torch.Tensor, ctxs: list[int], decode: list[int],
+                  window: int | None, device: torch.device | str) -> DecodeGroup:
+    lengths = torch.tensor([ctxs[i] for i in decode])
+    width = int(lengths.max())
+    if len(decode) < len(ctxs):  # some sequences are prefilling: keep the decoding ones' rows
+        index = torch.tensor(decode)
+        first, all_slots = first[index], all_slots[index]
     k = torch.arange(width)[None, :]
     allowed = k < lengths[:, None]
     if window is not None:
         allowed &= k > lengths[:, None] - 1 - window
-    rows = torch.tensor([row for row, _ in decode])
-    return DecodeGroup(rows.to(device), slots.to(device), allowed[:, None, None, :].to(device))
+    return DecodeGroup(first.to(device), all_slots[:, :width].to(device), allowed[:, None, None, :].to(device))
+
 
 def _mask(start: int, qlen: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
     ctx = start + qlen
