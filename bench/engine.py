@@ -92,7 +92,7 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 1024, 
 
 
 def copy_bytes_per_s(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
-    src = torch.empty(mib * 2**20 // 4, device=device)
+    src = torch.rand(mib * 2**20 // 4, device=device)  # written, so its pages are real memory, not the zero page
     dst = torch.empty_like(src)
     dst.copy_(src)
     sync(device)
