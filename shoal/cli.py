@@ -27,6 +27,9 @@ KVOpt = Annotated[float, typer.Option("--kv-cache-mb", min=1, help="Memory for t
 DiskOpt = Annotated[Path | None, typer.Option("--kv-disk-dir", envvar="SHOAL_KV_DISK_DIR", help=(
     "Keep the prefix cache on disk here too: it survives restarts and grows past RAM (off with --private)."))]
 DiskGBOpt = Annotated[float, typer.Option("--kv-disk-gb", min=0.001, help="Disk budget of the prefix cache, in GB.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=(
+    "The model's dtype: float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on a CPU; bfloat16 "
+    "about doubles decode speed on CPUs with native bfloat16, such as AVX512-BF16 or AMX)."))]
 DbOpt = Annotated[str, typer.Option("--db", envvar="SHOAL_DB", help="The kudos ledger: an SQLAlchemy URL.")]
 
 
@@ -161,6 +164,7 @@ def serve(
     kv_disk_dir: DiskOpt = None,
     kv_disk_gb: DiskGBOpt = 4.0,
     n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
+    dtype: DtypeOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help=(
         "CPU threads for the in-process worker's model (default: one per core less one, which the HTTP server "
         "needs: math threads that share its core spin and stall)."))] = None,
@@ -198,7 +202,8 @@ def serve(
     if local_worker:
         torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     disk = None if private or kv_disk_dir is None else str(kv_disk_dir)  # private: nothing of a request on disk
-    config = EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb, kv_disk_dir=disk, kv_disk_gb=kv_disk_gb)
+    config = EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb, kv_disk_dir=disk, kv_disk_gb=kv_disk_gb,
+                          dtype=dtype)
     settings = ServeSettings(model, model_name, host, port, config,
                              Limits(rpm, streams, tpm), api_key or [], api_keys_file, private, local_worker,
                              worker_token or [], db, verify_rate, plan_dir, redis_url)
@@ -224,6 +229,7 @@ def worker(
     n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
     layers: Annotated[str | None, typer.Option("--layers", help="Hold only layers START:END and serve them as a "
                                                                 "pipeline stage (default: the whole model).")] = None,
+    dtype: DtypeOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help=(
         "CPU threads for the model (default: torch's, one per core). Give each of several workers on one machine "
         "its share: idle math threads spin and steal the cores a busy worker needs."))] = None,
@@ -246,7 +252,7 @@ def worker(
     if threads is not None:
         torch.set_num_threads(threads)
     config = EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=n_seq_max, kv_disk_dir=kv_disk_dir and str(kv_disk_dir),
-                          kv_disk_gb=kv_disk_gb)
+                          kv_disk_gb=kv_disk_gb, dtype=dtype)
     try:
         fingerprint = weights_fingerprint(model)
         if layers is None and max_memory_gb is not None:

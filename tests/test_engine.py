@@ -4,6 +4,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 from engine_helpers import GREEDY, QUESTIONS, alone, chat, run, together
 
 from shoal.engine import Engine, EngineError, SamplingParams
@@ -252,3 +253,40 @@ def test_random_models_match_single_sequence_generation(make_engine, tiny_model_
     expected = [list(generate(model, p, max_tokens=20)) for p in prompts]
     got = run(together(engine, prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)))
     assert [ids for _, ids, _ in got] == expected
+
+
+def test_an_engine_runs_in_bfloat16_and_an_unknown_dtype_is_named(make_engine):
+    from shoal.model.errors import ModelError
+
+    engine = make_engine(dtype="bfloat16")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def go() -> tuple:
+        return await engine.submit("What is 12 + 30?", params).result()
+
+    _, ids, stats = asyncio.run(go())
+    assert len(ids) == 8 and stats.finish_reason == "length"
+    with pytest.raises(ModelError, match="unknown dtype 'float8'; use one of float32, bfloat16, float16"):
+        make_engine(dtype="float8")
+
+
+def test_a_stage_takes_hidden_states_from_a_stage_in_another_dtype():
+    from shoal.engine import EngineConfig
+    from shoal.engine.stage import StageEngine
+    from shoal.model import DEMO_PATH
+
+    first = StageEngine.from_dir(DEMO_PATH, (0, 1))
+    rest = StageEngine.from_dir(DEMO_PATH, (1, 4), EngineConfig(dtype="bfloat16"))
+
+    async def go() -> dict:
+        ids = first.open("s", (0, 1), "Hello")
+        rest.open("s", (1, 4), "Hello", SamplingParams(temperature=0, max_tokens=4))
+        hidden = (await first.step("s", 0, torch.tensor(ids)))["hidden"]
+        return await rest.step("s", 0, hidden, sample=True)
+
+    try:
+        assert isinstance(asyncio.run(go())["token"], int)
+    finally:
+        first.close()
+        rest.close()

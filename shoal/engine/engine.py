@@ -68,6 +68,7 @@ class EngineConfig:
     kv_disk_gb: float = 4.0
     save_min_tokens: int = 64
     continued_every: int = 256
+    dtype: str | None = None  # the model's: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU
 
     @property
     def chunk(self) -> int:
@@ -124,7 +125,7 @@ class Engine:
 
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
-        return cls(load_model(path), Tokenizer.from_dir(path), config)
+        return cls(load_model(path, dtype=config and config.dtype), Tokenizer.from_dir(path), config)
 
     @property
     def context_len(self) -> int:

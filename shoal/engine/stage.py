@@ -70,7 +70,7 @@ class StageEngine:
 
     @classmethod
     def from_dir(cls, path: str | Path, layers: tuple[int, int], config: EngineConfig | None = None) -> "StageEngine":
-        return cls(load_model(path, layers), Tokenizer.from_dir(path), config)
+        return cls(load_model(path, layers, dtype=config and config.dtype), Tokenizer.from_dir(path), config)
 
     @property
     def context_len(self) -> int:
@@ -185,6 +185,8 @@ class StageEngine:
                                          [len(step.inputs) for _, step in group], BLOCK_SIZE,
                                          model.config.sliding_window, model.device)
             inputs = torch.cat([step.inputs for _, step in group]) if len(group) > 1 else group[0][1].inputs
+            if inputs.is_floating_point():  # an earlier stage may hold the model in another dtype
+                inputs = inputs.to(model.dtype)
             hidden = model(inputs.to(model.device), batch, self.kv, start, end)
         except Exception as e:
             log.exception("stage forward failed")

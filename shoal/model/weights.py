@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from shoal.model.config import ModelConfig
-from shoal.model.errors import ModelFileError, WeightShapeError
+from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
 from shoal.model.transformer import Transformer
 
 FUSED = {
@@ -15,13 +15,20 @@ FUSED = {
 }
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_model(path: str | Path, layers: tuple[int, int] | None = None,
-               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Load layers [start, end) of an HF checkpoint, reading only the tensors that range needs."""
+               device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> Transformer:
+    """Load layers [start, end) of an HF checkpoint, reading only the tensors that range needs. The dtype
+    (or its name) defaults to bfloat16 on a GPU and float32 on a CPU."""
     path = Path(path)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise UnsupportedModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     config = ModelConfig.from_dir(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or (torch.bfloat16 if device.type == "cuda"
+                                                                   else torch.float32)
     start, end = layers or (0, config.num_hidden_layers)
     with torch.device("meta"):
         model = Transformer(config, start, end)

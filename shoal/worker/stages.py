@@ -14,10 +14,11 @@ import torch
 from shoal.engine.params import EngineError, SamplingParams
 from shoal.engine.sampler import logprob_entries
 from shoal.engine.stage import StageEngine
+from shoal.model.weights import DTYPES as MODEL_DTYPES
 from shoal.worker.channel import Message
 
 log = logging.getLogger("shoal.worker")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int32": torch.int32}
+DTYPES = {**MODEL_DTYPES, "int32": torch.int32}  # what hidden states and token ids travel as
 
 
 def pack(t: torch.Tensor) -> dict:
