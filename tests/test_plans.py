@@ -138,8 +138,11 @@ def test_the_plan_api_runs_plans_and_counts_late_results(demo):
         assert missing.status_code == 404 and "no plan 'nope'" in missing.json()["error"]["message"]
         bad = httpx.post(f"{url}/v1/plans/complex_dag", json={"user_id": "x"})
         assert bad.status_code == 400 and "user_id must be" in bad.json()["error"]["message"]
-        time.sleep(0.2)
-        assert "shoal_plan_late_completions_total 1.0" in httpx.get(f"{url}/metrics").text
+        deadline, metrics = time.monotonic() + 10, ""
+        while "shoal_plan_late_completions_total 1.0" not in metrics and time.monotonic() < deadline:
+            time.sleep(0.05)  # the late Redis reply lands about 50 ms after the answer
+            metrics = httpx.get(f"{url}/metrics").text
+        assert "shoal_plan_late_completions_total 1.0" in metrics
     finally:
         proc.terminate()
         proc.wait(timeout=30)
