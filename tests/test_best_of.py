@@ -42,3 +42,20 @@ def test_the_shipped_best_of_n_plan_runs_over_http(server_url):
     assert best["text"] and best["completion_tokens"] >= 1 and best["score"] == pytest.approx(best["logprob"])
     missing = httpx.post(f"{server_url}/v1/plans/best_of_n", json={}, timeout=30)
     assert missing.status_code == 400 and "missing required field: prompt" in missing.json()["error"]["message"]
+
+
+def test_shoal_plan_run_can_run_a_plan_on_a_server(server_url):
+    import json
+    import subprocess
+
+    from conftest import SHOAL
+
+    def plan_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([SHOAL, "plan", "run", *args, "--url", server_url], capture_output=True, text=True,
+                              timeout=120)
+
+    done = plan_run("best_of_n", "--request", '{"prompt": "Hello"}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["candidates"][0]["text"]
+    missing = plan_run("best_of_n", "--request", "{}")
+    assert missing.returncode == 2 and "missing required field: prompt" in missing.stderr

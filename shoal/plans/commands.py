@@ -68,6 +68,10 @@ def run(
     deadline_ms: Annotated[float | None, typer.Option("--deadline-ms", help="Deadline for the whole request.")] = None,
     node_timeout_ms: Annotated[float | None, typer.Option("--node-timeout-ms", help="Deadline per node.")] = None,
     plan_dir: DirOpt = None,
+    url: Annotated[str | None, typer.Option("--url", envvar="SHOAL_URL", help=(
+        "Run it on this shoal server instead (POST /v1/plans/NAME): its plans, its Redis, its models, which "
+        "plans with generate need."))] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="SHOAL_API_KEY", help="With --url.")] = None,
 ) -> None:
     """Run a plan once and print {"request_id", "candidates"}, or {"error"} (exit 1)."""
     from shoal.plans.context import Services
@@ -78,6 +82,9 @@ def run(
         body = json.loads(request)
     except json.JSONDecodeError as e:
         raise _fail(f"--request is not JSON: {e}") from e
+    if url is not None:
+        _remote(url, api_key, name, body, deadline_ms, node_timeout_ms)
+        return
 
     async def go() -> dict:
         plans = Plans(plan_dir or default_dir(), Services(env, redis_url))
@@ -93,6 +100,26 @@ def run(
     except NodeError as e:
         print(json.dumps({"error": str(e)}))
         raise typer.Exit(1) from e
+
+
+def _remote(url: str, api_key: str | None, name: str, body: object, deadline_ms: float | None,
+            node_timeout_ms: float | None) -> None:
+    import httpx
+
+    limits = {k: v for k, v in (("deadline_ms", deadline_ms), ("node_timeout_ms", node_timeout_ms)) if v is not None}
+    payload = {**body, **limits} if isinstance(body, dict) else body
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        answer = httpx.post(f"{url.rstrip('/')}/v1/plans/{name}", json=payload, headers=headers, timeout=600)
+    except httpx.HTTPError as e:
+        raise _fail(f"cannot reach {url}: {e}") from e
+    if answer.status_code in (502, 504):  # the plan ran and failed: {"error": ...}, as a local run prints it
+        print(answer.text)
+        raise typer.Exit(1)
+    if answer.status_code != 200:
+        error = answer.json().get("error", {}) if "json" in answer.headers.get("content-type", "") else {}
+        raise _fail(error.get("message") or f"HTTP {answer.status_code}: {answer.text}")
+    print(answer.text)
 
 
 @app.command("seed-demo")
