@@ -153,6 +153,7 @@ class Pipeline:
         # The hop's latency: the round trip less the time the worker says it spent on the step.
         rtt = 1000 * (time.monotonic() - began) - reply.get("busy_ms", 0.0)
         worker.rtt_ms = 0.9 * worker.rtt_ms + 0.1 * rtt
+        worker.step_ms = 0.9 * worker.step_ms + 0.1 * reply.get("busy_ms", 0.0)
         return reply
 
     async def _open(self, run: Run, stage: Stage, prompt: object, generated: list[int]) -> list[int]:

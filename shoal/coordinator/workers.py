@@ -24,6 +24,7 @@ class WorkerConn:
     owner_id: int | None = None
     credit_at: float = 0.0
     rtt_ms: float = 1.0  # round trip of a route step that computes nothing (stage_open), averaged
+    step_ms: float = 0.0  # what the worker says a route step took it, averaged
     speed: float = 10.0  # one sequence's decode tokens/s as the worker measured it (a guess for a polling one)
 
 
