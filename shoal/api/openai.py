@@ -192,7 +192,7 @@ class Run:
             async with contextlib.aclosing(self._events()) as events:
                 async for event in events:
                     pending.append(event)
-                    if not (len(self.jobs) == 1 and not self.jobs[0].messages.empty()):
+                    if not (len(self.jobs) == 1 and self.jobs[0].ready):
                         yield "".join(pending)
                         pending.clear()
         finally:

@@ -85,6 +85,11 @@ class Job:
         self.messages.put_nowait(msg)
         return True
 
+    @property
+    def ready(self) -> bool:
+        """Messages are waiting to be read."""
+        return not self.messages.empty()
+
     def __aiter__(self) -> "Job":
         return self
 
