@@ -29,13 +29,9 @@ Usage: python bench/plans.py [--quick]
 
 import argparse
 import asyncio
-import contextlib
 import json
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +40,10 @@ from pathlib import Path
 import numpy
 import redis
 import redis.asyncio as aioredis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import start_redis
+from delay_proxy import DelayProxy
 
 from shoal.plans import demo
 from shoal.plans.context import Services
@@ -67,36 +67,6 @@ def progress(message: str) -> None:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-# a private redis-server -----------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis() -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        for _ in range(200):
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}")
-            try:
-                if client.ping():
-                    return proc, url
-            except redis.ConnectionError:
-                time.sleep(0.05)
-    finally:
-        client.close()
-    proc.kill()
-    raise RuntimeError("redis-server did not answer PING in 10 s")
 
 
 # the hand-written baseline ----------------------------------------------------------------------------------------
@@ -212,66 +182,9 @@ async def scheduler_overhead(executor: Executor, n: int, repeats: int) -> dict:
     return out
 
 
-# a proxy that delays every client-to-server chunk ---------------------------------------------------------------
-
-class DelayProxy:
-    """127.0.0.1:port -> the upstream; client-to-server bytes arrive `delay_ms` late, in order; replies pass."""
-
-    def __init__(self, upstream_port: int, delay_ms: float):
-        self.upstream_port, self.delay = upstream_port, delay_ms / 1000
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self.writers += [writer, up_writer]
-        for task in (self._pump(reader, up_writer, self.delay), self._pump(up_reader, writer, 0.0)):
-            t = asyncio.create_task(task)
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def forward() -> None:
-            while (item := await queue.get()) is not None:
-                due, data = item
-                if (wait := due - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        forwarder = asyncio.create_task(forward())
-        try:
-            while data := await reader.read(65536):
-                queue.put_nowait((loop.time() + delay, data))
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            queue.put_nowait(None)
-            with contextlib.suppress(ConnectionError, OSError):
-                await forwarder
-
-    async def close(self) -> None:
-        self.server.close()
-        for w in self.writers:
-            w.close()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
 async def overlap(redis_port: int, delay_ms: float, runs: int, unproxied_ms: float) -> dict:
-    proxy = DelayProxy(redis_port, delay_ms)
-    url = await proxy.start()
+    proxy = DelayProxy(redis_port, delay_ms / 1000)
+    url = f"redis://127.0.0.1:{proxy.port}/0"
     plans = Plans(PLAN_DIR, Services(redis_url=url))
     client = aioredis.Redis.from_url(url, decode_responses=True)
     try:
@@ -290,7 +203,7 @@ async def overlap(redis_port: int, delay_ms: float, runs: int, unproxied_ms: flo
     finally:
         await plans.close()
         await client.aclose()
-        await proxy.close()
+        proxy.close()
     wall, hand = statistics.median(plan_ms), statistics.median(direct_ms)
     critical, serial = CRITICAL_ROUND_TRIPS * delay_ms, ALL_ROUND_TRIPS * delay_ms
     return {"delay_ms_per_round_trip": delay_ms, "runs": runs,

@@ -159,23 +159,32 @@ def make_engine():
         engine.close()
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A real `redis-server` on a free port, nothing saved; the set-up installs it, so it must be there."""
+def start_redis() -> tuple[subprocess.Popen, str]:
+    """A real `redis-server` on a free port, nothing saved; (process, URL) once it answers PING."""
     import redis
 
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     client, deadline = redis.Redis(port=port), time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc, f"redis://127.0.0.1:{port}/0"
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The set-up installs redis-server, so it must be there."""
+    proc, url = start_redis()
+    yield url
     proc.terminate()
     proc.wait(timeout=10)
