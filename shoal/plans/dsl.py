@@ -11,7 +11,6 @@ a node, with the node as their input.
 import hashlib
 import importlib.util
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,8 @@ import shoal
 from shoal.plans import ops
 from shoal.plans.expr import Expr, Pred, lift
 from shoal.plans.registry import PlanError
-from shoal.plans.validate import validate
+from shoal.plans.validate import NAME, validate
 
-NAME = re.compile(r"[A-Za-z0-9_]+")
 SCHEMA_VERSION = 1
 
 

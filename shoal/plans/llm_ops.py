@@ -17,7 +17,7 @@ async def generate(ctx: Context, params: dict, rows: list[RowSet]) -> RowSet:
     if ctx.generate is None:
         raise PlanError("generate: this plan runs where no model is served")
     source, samples, template = rows[0], params["samples"], params.get("template")
-    prompts = [_fill(template, record) if template else ctx.request.prompt for record in source.records()]
+    prompts = [_fill(template, r) for r in source.records()] if template else [ctx.request.prompt] * len(source)
     if any(p is None for p in prompts):
         raise PlanError("generate: give a template, or send a prompt with the request")
     seed = params["params"].get("seed")

@@ -5,13 +5,13 @@ import re
 from typing import Any
 
 from shoal.plans import ops
+from shoal.plans.evaluate import CMPS
 from shoal.plans.registry import PlanError, load
 
 FIELDS = {"schema_version", "plan_name", "nodes", "outputs", "expr_table", "pred_table", "built_by"}
 NODE_FIELDS = {"node_id", "op", "inputs", "params"}
 NAME = re.compile(r"[A-Za-z0-9_]+")
 ARITHMETIC = ("add", "sub", "mul", "coalesce")
-CMPS = ("==", "!=", "<", "<=", ">", ">=")
 
 
 def validate(artifact: Any) -> None:
