@@ -1,10 +1,10 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shoal.model.config import ModelConfig
 from shoal.model.kv import AttentionBatch, PagedKVCache
 from shoal.model.layers import DecoderLayer, RMSNorm
+from shoal.model.matmul import Linear
 from shoal.model.rope import Rotary
 
 
@@ -28,9 +28,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(start, end))
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            if not (config.tie_word_embeddings and self.is_first):
-                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie()
         self.rotary: Rotary | None = None
+
+    def tie(self) -> None:
+        """Share the embedding with the LM head where the checkpoint ties them (moving a model unties them)."""
+        if self.is_first and self.is_last and self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def num_layers(self) -> int:
@@ -69,5 +74,4 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.is_last:
             raise ValueError(f"layers [{self.start}, {self.end}) do not include the LM head")
-        head = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
-        return F.linear(hidden, head).float()
+        return self.lm_head(hidden).float()

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from shoal.model.config import ModelConfig
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
+from shoal.model.matmul import tune
 from shoal.model.transformer import Transformer
 
 FUSED = {
@@ -33,6 +34,9 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
     with torch.device("meta"):
         model = Transformer(config, start, end)
     model.to_empty(device=device).to(dtype)
+    model.tie()
+    if device.type == "cpu":
+        tune(model)
     files = weight_files(path)
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
