@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.model.config import ModelConfig
-from shoal.model.kv import AttentionBatch, PagedKVCache
+from shoal.model.kv import AttentionBatch, DecodeGroup, PagedKVCache
 from shoal.model.matmul import Linear
 from shoal.model.rope import apply_rotary
 
@@ -15,6 +15,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in fp32 as the reference implementations do; bf16 variance loses too much.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
@@ -38,26 +40,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
                 kv: PagedKVCache, layer: int) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.heads, self.head_dim)
-        k = k.view(-1, self.kv_heads, self.head_dim)
-        v = v.view(-1, self.kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = qkv[:, :self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
+            q = apply_rotary(self.q_norm(q.view(-1, self.heads, self.head_dim)), *rope)
+            k = apply_rotary(self.k_norm(k.view(-1, self.kv_heads, self.head_dim)), *rope)
+        else:  # q and k are side by side: rotate them in one go
+            qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(-1, self.heads + self.kv_heads, self.head_dim),
+                              *rope)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
         kv.store(layer, batch.slot_mapping, k, v)
         return self.o_proj(self._attend(q, batch, kv, layer))
 
     def _attend(self, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, layer: int) -> torch.Tensor:
-        out = q.new_empty(q.shape[0], self.q_size)
         gqa = self.heads != self.kv_heads
-        if batch.decode is not None:
-            d = batch.decode
-            n, width = d.slots.shape
-            k, v = (t.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
-                    for t in kv.gather(layer, d.slots.flatten()))
-            o = F.scaled_dot_product_attention(q[d.rows][:, :, None], k, v, attn_mask=d.mask, enable_gqa=gqa)
-            out[d.rows] = o.reshape(n, self.q_size)
+        d = batch.decode
+        if d is not None and not batch.seqs:  # decode only: row i is sequence i's token
+            return self._decode(q, d, kv, layer, gqa)
+        out = q.new_empty(q.shape[0], self.q_size)
+        if d is not None:
+            out[d.rows] = self._decode(q[d.rows], d, kv, layer, gqa)
         for seq in batch.seqs:
             # 4-D [1, heads, len, dim]: with a batch dimension CPU SDPA takes its flash kernel, 2.5-4x faster
             rows = slice(seq.start, seq.start + seq.query_len)
@@ -66,6 +69,13 @@ class Attention(nn.Module):
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=seq.mask, is_causal=seq.causal, enable_gqa=gqa)
             out[rows] = oi[0].transpose(0, 1).reshape(seq.query_len, self.q_size)
         return out
+
+    def _decode(self, q: torch.Tensor, d: DecodeGroup, kv: PagedKVCache, layer: int, gqa: bool) -> torch.Tensor:
+        n, width = d.slots.shape
+        k, v = (t.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
+                for t in kv.gather(layer, d.slots.flatten()))
+        o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=d.mask, enable_gqa=gqa)
+        return o.reshape(n, self.q_size)
 
 
 class MLP(nn.Module):

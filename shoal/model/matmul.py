@@ -23,7 +23,8 @@ def bucket(rows: int) -> int:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, for row counts `tune` found faster that way, multiplies as (W @ x.T).T."""
+    """nn.Linear that, for row counts `tune` found faster that way, multiplies as (W @ x.T).T: `flipped` says
+    which, per row bucket (empty: never)."""
 
     flipped: tuple[bool, ...] = ()
 
@@ -33,10 +34,10 @@ class Linear(nn.Linear):
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             flipped: tuple[bool, ...]) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    if not flipped or rows.shape[0] > ROW_BUCKETS[-1] or not flipped[bucket(rows.shape[0])]:
+    rows = x.numel() // x.shape[-1] if flipped else 0
+    if not flipped or rows > ROW_BUCKETS[-1] or not flipped[bucket(rows)]:
         return F.linear(x, weight, bias)
-    out = (weight @ rows.T).T
+    out = (weight @ x.reshape(rows, -1).T).T
     out = (out if bias is None else out + bias).contiguous()
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -100,6 +101,6 @@ def tune(model: nn.Module, sample: int = 4) -> dict[tuple[int, int], str]:
             for m in modules:
                 if columns and m.weight.is_contiguous():  # a tied weight may be reached twice
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
-                m.flipped = flipped
+                m.flipped = flipped if any(flipped) else ()  # () skips the bucket lookup
             chosen[(out, inp)] = f"{'column' if columns else 'row'}-major, flipped at {flipped}"
     return chosen

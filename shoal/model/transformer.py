@@ -43,11 +43,11 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.layers[0].input_layernorm.weight.device  # read every step: no walk over all parameters
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.layers[0].input_layernorm.weight.dtype
 
     def new_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
         c = self.config

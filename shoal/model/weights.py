@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,7 +16,7 @@ FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 }
 
-
+log = logging.getLogger("shoal.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,7 +37,7 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
     model.to_empty(device=device).to(dtype)
     model.tie()
     if device.type == "cpu":
-        tune(model)
+        log.debug("linear layers tuned", extra={"choices": {f"{o}x{i}": c for (o, i), c in tune(model).items()}})
     files = weight_files(path)
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
