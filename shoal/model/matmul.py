@@ -3,7 +3,8 @@
 On a CPU the BLAS kernel behind `x @ W.T` depends on the weight's memory layout and on how the product
 is phrased, and for the few rows of a decode step the spread is wide: a wide matrix-vector product
 runs up to twice as fast from a column-major weight, and 2-64 rows often run faster as `(W @ x.T).T`.
-`tune` times both layouts and both phrasings on stand-ins of the model's weight shapes and keeps the fastest.
+`tune` times both layouts and both phrasings on stand-ins of the model's weight shapes and keeps whichever
+is clearly faster than the plain product.
 """
 
 import time
@@ -15,6 +16,10 @@ from torch import nn
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # larger products are compute-bound: every phrasing runs alike
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
+# A choice leaves the plain product only for a clear gain: where the two are close, timing noise would
+# otherwise make processes on one machine (a stage and its replica) choose differently and round differently.
+CLEARLY = 0.8
+QUICK_S = 50e-6  # a single-row product quicker than this is mostly call overhead: every phrasing runs alike
 
 
 def bucket(rows: int) -> int:
@@ -72,16 +77,19 @@ def _time(weights: list[torch.Tensor], rows: int, flip: bool, repeats: int = 3) 
 
 def _faster_flipped(weights: list[torch.Tensor], rows: int) -> tuple[float, bool]:
     plain, flip = _time(weights, rows, False), _time(weights, rows, True)
-    return min(plain, flip), flip < plain
+    return min(plain, flip), flip < CLEARLY * plain
 
 
 def _choose(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple[bool, tuple[bool, ...]]:
     """Whether weights of this shape go column-major, and per row bucket whether to flip the product. The
     layout is the one faster for a single row: the latency of decoding one sequence."""
     rows_major = _stand_ins(out, inp, dtype, count)
+    row_time, row_flip = _faster_flipped(rows_major, 1)
+    if row_time / len(rows_major) < QUICK_S:
+        return False, ()
     cols_major = [_column_major(w) for w in rows_major]
-    (row_time, row_flip), (col_time, col_flip) = _faster_flipped(rows_major, 1), _faster_flipped(cols_major, 1)
-    columns = col_time < row_time
+    col_time, col_flip = _faster_flipped(cols_major, 1)
+    columns = col_time < CLEARLY * row_time
     weights = cols_major if columns else rows_major
     return columns, (col_flip if columns else row_flip, *(_faster_flipped(weights, n)[1] for n in ROW_BUCKETS[1:]))
 
@@ -102,5 +110,5 @@ def tune(model: nn.Module, sample: int = 4) -> dict[tuple[int, int], str]:
                 if columns and m.weight.is_contiguous():  # a tied weight may be reached twice
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
                 m.flipped = flipped if any(flipped) else ()  # () skips the bucket lookup
-            chosen[(out, inp)] = f"{'column' if columns else 'row'}-major, flipped at {flipped}"
+            chosen[(out, inp)] = f"{'column' if columns else 'row'}-major, flipped at {flipped or 'no row count'}"
     return chosen
