@@ -12,11 +12,11 @@ from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShap
 from shoal.model.matmul import tune
 from shoal.model.transformer import Transformer
 
+log = logging.getLogger("shoal.model")
+
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 }
-
-log = logging.getLogger("shoal.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +37,8 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
     model.to_empty(device=device).to(dtype)
     model.tie()
     if device.type == "cpu":
-        log.debug("linear layers tuned", extra={"choices": {f"{o}x{i}": c for (o, i), c in tune(model).items()}})
+        choices = tune(model)
+        log.debug("linear layers tuned", extra={"choices": {f"{o}x{i}": c for (o, i), c in choices.items()}})
     files = weight_files(path)
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
