@@ -4,11 +4,7 @@ import torch.nn.functional as F
 from test_model_parity import forward_batch, prompts, tables
 
 from shoal.model import load_model
-from shoal.model.matmul import ROW_BUCKETS, Linear, bucket, product
-
-
-def column_major(t: torch.Tensor) -> torch.Tensor:
-    return t.t().contiguous().t()
+from shoal.model.matmul import ROW_BUCKETS, Linear, bucket, column_major, product
 
 
 def test_buckets_hold_their_rows():

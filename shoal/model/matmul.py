@@ -47,7 +47,8 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _column_major(t: torch.Tensor) -> torch.Tensor:
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix, stored column-major."""
     return t.t().contiguous().t()
 
 
@@ -87,7 +88,7 @@ def _choose(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple[bool, t
     row_time, row_flip = _faster_flipped(rows_major, 1)
     if row_time / len(rows_major) < QUICK_S:
         return False, ()
-    cols_major = [_column_major(w) for w in rows_major]
+    cols_major = [column_major(w) for w in rows_major]
     col_time, col_flip = _faster_flipped(cols_major, 1)
     columns = col_time < CLEARLY * row_time
     weights = cols_major if columns else rows_major
@@ -107,7 +108,7 @@ def tune(model: nn.Module, sample: int = 4) -> dict[tuple[int, int], str]:
         for (out, inp, dtype), modules in groups.items():
             columns, flipped = _choose(out, inp, dtype, min(sample, len(modules)))
             for m in modules:
-                if columns and m.weight.is_contiguous():  # a tied weight may be reached twice
+                if columns and m.weight.is_contiguous():  # not already column-major from an earlier tune
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
                 m.flipped = flipped if any(flipped) else ()  # () skips the bucket lookup
             chosen[(out, inp)] = f"{'column' if columns else 'row'}-major, flipped at {flipped or 'no row count'}"
