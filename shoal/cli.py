@@ -167,8 +167,8 @@ def serve(
     n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
     dtype: DtypeOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help=(
-        "CPU threads for the in-process worker's model (default: one per core less one, which the HTTP server "
-        "needs: math threads that share its core spin and stall)."))] = None,
+        "CPU threads for the local worker's model, which runs in a process of its own (default: one per core less "
+        "one, which the HTTP server needs: math threads that share its core spin and stall)."))] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Require this key (repeatable).")] = None,
     api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="Required keys, one a line.")] = None,
     rpm: Annotated[float, typer.Option("--rpm", help="Requests a minute per client (0: no limit).")] = 60,
@@ -178,7 +178,7 @@ def serve(
                                           help="No prompt text in logs, no access log, nothing written to disk.")]
     = False,
     local_worker: Annotated[bool, typer.Option("--local-worker/--no-local-worker",
-                                               help="Run a worker in this process (default) or only coordinate.")]
+                                               help="Run a local worker (default) or only coordinate.")]
     = True,
     worker_token: Annotated[list[str] | None, typer.Option("--worker-token", envvar="SHOAL_WORKER_TOKEN",
                                                            help="Token remote workers connect with (repeatable).")]
@@ -200,8 +200,7 @@ def serve(
     from shoal.serve import ServeSettings
     from shoal.serve import serve as run_server
 
-    if local_worker:
-        torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
+    threads = threads or max(1, torch.get_num_threads() - 1)
     disk = None if private or kv_disk_dir is None else str(kv_disk_dir)  # private: nothing of a request on disk
     config = EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb, kv_disk_dir=disk, kv_disk_gb=kv_disk_gb,
                           dtype=dtype)
@@ -209,7 +208,7 @@ def serve(
                              Limits(rpm, streams, tpm), api_key or [], api_keys_file, private, local_worker,
                              worker_token or [], db, verify_rate, plan_dir, redis_url)
     try:
-        run_server(settings)
+        run_server(settings, threads)
     except (ModelError, EngineError, AuthError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

@@ -14,7 +14,8 @@ from shoal import logs
 from shoal.api.app import Server, create_app
 from shoal.coordinator.admission import Admission, ApiKeys, Limits
 from shoal.coordinator.coordinator import Coordinator
-from shoal.engine import Engine, EngineConfig
+from shoal.engine import EngineConfig
+from shoal.engine.process import EngineProcess
 from shoal.model import DEMO_PATH
 from shoal.model.weights import weights_fingerprint
 from shoal.plans.context import Services
@@ -49,8 +50,8 @@ class ServeSettings:
         return self.model_name or Path(self.model).resolve().name
 
 
-def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
-    """The app; on startup it loads the engine (unless given) and connects it as a worker."""
+def build_app(settings: ServeSettings, engine: EngineProcess | None = None) -> FastAPI:
+    """The app; on startup it connects the engine, when given, as a worker."""
     keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
     # Private mode writes nothing of a request to disk, the ledger's job rows included.
     ledger = Ledger("sqlite://" if settings.private else settings.db)
@@ -64,11 +65,9 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(server.coordinator.watch()), asyncio.create_task(server.pay_uptime())]
-        local = None
-        if settings.local_worker:
-            local = engine or await asyncio.to_thread(Engine.from_dir, settings.model, settings.engine)
+        if engine is not None:
             worker_end, coordinator_end = channel_pair()
-            tasks += [asyncio.create_task(WorkerAgent(local, settings.name, worker_end,
+            tasks += [asyncio.create_task(WorkerAgent(engine, settings.name, worker_end,
                                                                 fingerprint=weights_fingerprint(settings.model)).run()),
                       asyncio.create_task(server.coordinator.attach(coordinator_end))]
             while not server.coordinator.catalog.models().get(settings.name, {}).get("workers"):
@@ -80,17 +79,18 @@ def build_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
             for task in tasks:
                 task.cancel()
             await server.plans.close()
-            if local is not None:
-                await asyncio.to_thread(local.close)
+            if engine is not None:
+                await asyncio.to_thread(engine.close)
 
     app.router.lifespan_context = lifespan
     return app
 
 
-def serve(settings: ServeSettings) -> None:
-    """Load the model first, so that a bad model directory fails here with its own message."""
+def serve(settings: ServeSettings, threads: int | None = None) -> None:
+    """Load the model first, so that a bad model directory fails here with its own message. The local worker's
+    engine runs in a process of its own (`threads` math threads), off the HTTP server's GIL."""
     logs.configure()
-    engine = Engine.from_dir(settings.model, settings.engine) if settings.local_worker else None
+    engine = EngineProcess(settings.model, settings.engine, threads) if settings.local_worker else None
     # websockets-sansio: the workers' connections, a route step's two crossings among them, take a third less
     # time per message than with uvicorn's default WebSocket protocol.
     uvicorn.run(build_app(settings, engine), host=settings.host, port=settings.port,

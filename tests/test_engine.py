@@ -59,8 +59,9 @@ def test_thinking_and_tool_calls_stream_as_their_own_events(tiny_model_dir):
     assert "".join(t for k, t in events if k == "text") == "Done."
 
 
-def test_closing_the_engine_cancels_requests_in_flight(make_engine):
-    engine = make_engine()
+@pytest.mark.parametrize("held", [False, True])
+def test_closing_the_engine_cancels_requests_in_flight(make_engine, held):
+    engine = make_engine(event_queue_size=2 if held else 64)  # held: its unread events stop it before the close
 
     async def go():
         stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True))

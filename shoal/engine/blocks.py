@@ -29,6 +29,15 @@ def prefix_keys(parent: bytes, tokens: list[int]) -> list[bytes]:
     return keys
 
 
+def chain_keys(root: bytes, tokens: list[int], block_size: int) -> list[str]:
+    """The prefix-cache key of tokens[:1], tokens[:2], ... (a finished context's key is its last)."""
+    parent, keys = root, []
+    for start in range(0, len(tokens), block_size):
+        keys += prefix_keys(parent, tokens[start:start + block_size])
+        parent = keys[-1]
+    return [k.hex() for k in keys]
+
+
 class BlockManager:
     """Paged KV blocks with a prefix cache.
 
@@ -177,9 +186,4 @@ class BlockManager:
         return ids[::-1]
 
     def keys(self, tokens: list[int]) -> list[str]:
-        """The prefix-cache key of tokens[:1], tokens[:2], ... (a finished context's key is its last)."""
-        parent, keys = self.root, []
-        for start in range(0, len(tokens), self.block_size):
-            keys += prefix_keys(parent, tokens[start:start + self.block_size])
-            parent = keys[-1]
-        return [k.hex() for k in keys]
+        return chain_keys(self.root, tokens, self.block_size)

@@ -1,5 +1,5 @@
-import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import queue
@@ -9,15 +9,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from shoal.engine.blocks import BlockManager
 from shoal.engine.disk import DiskCache
-from shoal.engine.events import Event, RequestStream, Stats
-from shoal.engine.params import EngineError, SamplingParams, StickyBusy
+from shoal.engine.events import Event, RequestStream, Stats, deliver
+from shoal.engine.intake import Bounds, Prompt, Sessions, running_loop
+from shoal.engine.params import EngineError, SamplingParams
 from shoal.engine.runner import Runner, num_blocks_for
 from shoal.engine.sampler import Sampler
 from shoal.engine.saves import Saver
@@ -25,35 +27,10 @@ from shoal.engine.scheduler import Scheduler
 from shoal.engine.sequence import Sequence, State, at_length, ends_on
 from shoal.engine.stream import TextStream, marker_ids
 from shoal.model import Transformer, load_model
-from shoal.model.errors import ModelError
 from shoal.model.kv import BLOCK_SIZE
 from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger("shoal.engine")
-Prompt = str | list[dict] | list[int]
-
-
-def tokenize(tokenizer: Tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
-    """Token ids of text, of chat messages (through the chat template), or of ids given directly."""
-    if not isinstance(prompt, str | list):
-        raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
-    try:
-        if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
-        elif prompt and all(isinstance(m, dict) for m in prompt):
-            ids = tokenizer.encode_chat(prompt)
-        elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise EngineError(f"prompt token ids outside the vocabulary of {vocab_size}: {bad[:5]}")
-        else:
-            raise EngineError("a prompt is text, a list of chat messages, or a list of token ids")
-    except ModelError as e:
-        raise EngineError(str(e)) from e
-    if not ids:
-        raise EngineError("the prompt is empty")
-    return ids
 
 
 @dataclass
@@ -84,8 +61,24 @@ def fingerprint(model: Transformer) -> bytes:
     return h.digest()
 
 
+class Outlet(Protocol):
+    """Where a request's events go: its RequestStream, or a stand-in that forwards them to another process."""
+
+    id: str
+
+    @property
+    def pending(self) -> int: ...
+
+
+Sink = Callable[[list[tuple[Outlet, Event]]], None]
+
+
 class Engine:
-    """Continuous batching for one model: an asyncio API in front of a dedicated model thread."""
+    """Continuous batching for one model: an asyncio API in front of a dedicated model thread.
+
+    `sink`, when set before the first request, takes each tick's events in the model thread instead
+    of the requests' streams (an EngineProcess child forwards them).
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config or EngineConfig()
@@ -107,17 +100,19 @@ class Engine:
             self.blocks.on_evict = self.saver.evict
         self.sampler = Sampler(tokenizer.eos_token_ids)
         self.markers = marker_ids(tokenizer)
+        self.bounds = Bounds(model.config.vocab_size, self.context_len, BLOCK_SIZE * num_blocks, c.kv_cache_mb,
+                             self.blocks.root, BLOCK_SIZE)
+        self.sessions = Sessions()
+        self.sink: Sink | None = None
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._requests: dict[str, tuple[Sequence, RequestStream, TextStream]] = {}
-        self._sessions_in_flight: set[str] = set()
+        self._requests: dict[str, tuple[Sequence, Outlet, TextStream]] = {}
         self._ended_sessions: set[str] = set()
-        self._lock = threading.Lock()
-        self._arrivals = 0
+        self._arrivals = itertools.count(1)
         self._recent: deque[tuple[float, int]] = deque()
         self._last_hit = {"kind": None, "prefix_len": 0}
         self._phase = "idle"
         self._snapshot: dict = {}
-        self._outbox: list[tuple[RequestStream, Event]] = []
+        self._outbox: list[tuple[Outlet, Event]] = []
         self._stopped = False
         self._publish([])
         self._thread = threading.Thread(target=self._loop, name="shoal-engine", daemon=True)
@@ -131,49 +126,30 @@ class Engine:
     def context_len(self) -> int:
         return self.model.config.max_position_embeddings
 
+    def describe(self) -> dict:
+        """What a worker announces of the model it serves."""
+        return {**self.model.describe(), "context": self.context_len}
+
     # asyncio side ---------------------------------------------------------------------------
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
                parent_key: str | None = None, priority: int = 0, request_id: str | None = None) -> RequestStream:
         """Queue a request (from a running event loop) and return its event stream."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError as e:
-            raise EngineError("submit() must be called from a running asyncio event loop") from e
-        params = params or SamplingParams()
-        params.validate(self.model.config.vocab_size)
-        ids = self.tokenize(prompt)
-        room = self.context_len - len(ids)
-        if room <= 0:
-            raise EngineError(f"the prompt is {len(ids)} tokens; the model's context is {self.context_len} tokens")
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=room)
-        elif params.max_tokens > room:
-            raise EngineError(f"the prompt is {len(ids)} tokens and max_tokens is {params.max_tokens}: more than the "
-                              f"model's context of {self.context_len} tokens")
-        capacity = self.blocks.block_size * len(self.blocks.blocks)
-        if len(ids) + params.max_tokens > capacity:
-            raise EngineError(f"the prompt and max_tokens need {len(ids) + params.max_tokens} tokens of KV cache; "
-                              f"kv_cache_mb={self.config.kv_cache_mb} holds {capacity}")
-        if parent_key is not None and parent_key not in self.blocks.keys(ids[:-1]):
-            raise EngineError(f"parent_key {parent_key!r} is not the key of a context this prompt extends")
-        with self._lock:
-            if session_id is not None and session_id in self._sessions_in_flight:
-                raise StickyBusy(f"sticky_busy: session {session_id!r} already has a request in flight")
-            if session_id is not None:
-                self._sessions_in_flight.add(session_id)
-            self._arrivals += 1
-            arrival = self._arrivals
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = Sequence(request_id or uuid.uuid4().hex, list(ids), params, torch.Generator().manual_seed(seed),
-                       priority, session_id, arrival=arrival, parent_key=parent_key)
-        stream = RequestStream(seq.id, ids, loop, self.cancel)
-        text = TextStream(self.tokenizer, params.stop, self.markers)
-        self._commands.put(lambda: self._add(seq, stream, text))
+        loop = running_loop()
+        ids, params = self.bounds.admit(self.tokenizer, prompt, params or SamplingParams(), parent_key)
+        self.sessions.claim(session_id)
+        stream = RequestStream(request_id or uuid.uuid4().hex, ids, loop, self.cancel)
+        self.add(stream, ids, params, priority, session_id, parent_key)
         return stream
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        return tokenize(self.tokenizer, self.model.config.vocab_size, prompt)
+    def add(self, outlet: Outlet, ids: list[int], params: SamplingParams, priority: int = 0,
+            session_id: str | None = None, parent_key: str | None = None) -> None:
+        """Queue an admitted request (see Bounds.admit) whose events go to `outlet`; callable from any thread."""
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(outlet.id, list(ids), params, torch.Generator().manual_seed(seed), priority, session_id,
+                       arrival=next(self._arrivals), parent_key=parent_key)
+        text = TextStream(self.tokenizer, params.stop, self.markers)
+        self._commands.put(lambda: self._add(seq, outlet, text))
 
     def cancel(self, request_id: str) -> None:
         self._commands.put(lambda: self._finish_id(request_id, "cancelled"))
@@ -208,16 +184,14 @@ class Engine:
             self._deliver()  # after the snapshot, so a reader never sees it lag an event
             if not batch:
                 self._drain(block=True, timeout=0.005)
+        self._deliver()  # what a shutdown between ticks ended
 
     def _deliver(self) -> None:
-        """Hand the tick's events over, waking each event loop once rather than once per event."""
-        woken: dict[asyncio.AbstractEventLoop, set[RequestStream]] = {}
-        for stream, event in self._outbox:
-            stream.append(event)
-            woken.setdefault(stream.loop, set()).add(stream)
-        self._outbox.clear()
-        for loop, streams in woken.items():
-            loop.call_soon_threadsafe(RequestStream.wake_all, streams)
+        if self.sink is not None:
+            self.sink(self._outbox)
+        else:
+            deliver(self._outbox)
+        self._outbox = []
 
     def _step(self, batch: list[tuple[Sequence, int]]) -> None:
         self.runner.copy(self.scheduler.take_copies())
@@ -254,7 +228,7 @@ class Engine:
         if any(seq.session_id == session_id for seq, _, _ in self._requests.values()):
             self._ended_sessions.add(session_id)
 
-    def _add(self, seq: Sequence, stream: RequestStream, text: TextStream) -> None:
+    def _add(self, seq: Sequence, stream: Outlet, text: TextStream) -> None:
         self._requests[seq.id] = (seq, stream, text)
         self.scheduler.add(seq)
 
@@ -314,8 +288,7 @@ class Engine:
         if self.saver is not None and reason != "error" and seq.block_table:
             self.saver.finish(seq, self._finish_key(seq))
         self.scheduler.finish(seq, pin=reason != "error" and not ended)
-        with self._lock:
-            self._sessions_in_flight.discard(seq.session_id)
+        self.sessions.release(seq.session_id)
         self._outbox += [(stream, Event(kind, t)) for kind, t in text.flush()]
         seq.mark(State.FAILED if reason in ("error", "timeout") else State.COMPLETED)
         self._outbox.append((stream, Event("final", stats=self._stats(seq, reason, error, text.stopped))))

@@ -1,6 +1,6 @@
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 
@@ -95,3 +95,13 @@ class RequestStream:
                 text.append(event.text)
         assert self.stats is not None
         return "".join(text), ids, self.stats
+
+
+def deliver(events: Iterable[tuple[RequestStream, Event]]) -> None:
+    """Hand events to their streams from another thread, waking each event loop once rather than once per event."""
+    woken: dict[asyncio.AbstractEventLoop, set[RequestStream]] = {}
+    for stream, event in events:
+        stream.append(event)
+        woken.setdefault(stream.loop, set()).add(stream)
+    for loop, streams in woken.items():
+        loop.call_soon_threadsafe(RequestStream.wake_all, streams)

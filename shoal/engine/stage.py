@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from shoal.engine.engine import EngineConfig, Prompt, tokenize
+from shoal.engine.engine import EngineConfig
+from shoal.engine.intake import Prompt, tokenize
 from shoal.engine.params import EngineError, SamplingParams
 from shoal.engine.runner import num_blocks_for
 from shoal.engine.sampler import Sampler
@@ -75,6 +76,9 @@ class StageEngine:
     @property
     def context_len(self) -> int:
         return self.model.config.max_position_embeddings
+
+    def describe(self) -> dict:
+        return {**self.model.describe(), "context": self.context_len}
 
     def snapshot(self) -> dict:
         return {"sessions": len(self.sessions), "kv_blocks_free": len(self.free), "kv_blocks": self.num_blocks}

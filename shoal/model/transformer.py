@@ -37,6 +37,10 @@ class Transformer(nn.Module):
         if self.is_first and self.is_last and self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def describe(self) -> dict:
+        return {"layers": [self.start, self.end], "n_layers": self.config.num_hidden_layers,
+                "params_b": sum(p.numel() for p in self.parameters()) / 1e9}
+
     @property
     def num_layers(self) -> int:
         return self.end - self.start

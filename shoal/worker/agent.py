@@ -45,10 +45,7 @@ class WorkerAgent:
         self.speed: float | None = None
 
     def hello(self) -> Message:
-        model = self.engine.model
-        info = {"name": self.model_name, "layers": [model.start, model.end], "fingerprint": self.fingerprint,
-                "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
-                "n_layers": model.config.num_hidden_layers, "context": self.engine.context_len}
+        info = {"name": self.model_name, **self.engine.describe(), "fingerprint": self.fingerprint}
         if self.stages is not None:
             info["ms_per_layer"] = self.speed
         return {"type": "hello", "name": self.name, "version": __version__, "slots": self.engine.config.n_seq_max,
