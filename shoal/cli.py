@@ -244,6 +244,7 @@ def worker(
     import torch
 
     from shoal import logs
+    from shoal.engine.process import EngineProcess
     from shoal.engine.stage import StageEngine
     from shoal.model.weights import weights_fingerprint
     from shoal.worker.remote import run_worker
@@ -259,7 +260,8 @@ def worker(
             layers = _pick_layers(coordinator, token, model, model_name or model.resolve().name, fingerprint,
                                   max_memory_gb)
         with err.status(f"Loading {model} ..."):
-            engine = StageEngine.from_dir(model, _layers(layers), config) if layers else Engine.from_dir(model, config)
+            engine = (StageEngine.from_dir(model, _layers(layers), config) if layers
+                      else EngineProcess(model, config, threads))
     except (ModelError, EngineError, ValueError, OSError, httpx.HTTPError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

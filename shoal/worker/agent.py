@@ -5,7 +5,8 @@ import os
 from pathlib import Path
 
 from shoal import __version__
-from shoal.engine import Engine, EngineError, SamplingParams, StickyBusy
+from shoal.engine import Engine, EngineError, RequestStream, SamplingParams, StickyBusy
+from shoal.engine.process import EngineProcess
 from shoal.engine.sampler import logprob_entries
 from shoal.engine.stage import StageEngine
 from shoal.worker.channel import ChannelClosed, Message, Transport
@@ -35,8 +36,8 @@ class WorkerAgent:
     steps (stage_open, stage_in, stage_close); it takes no whole jobs.
     """
 
-    def __init__(self, engine: Engine | StageEngine, model_name: str, channel: Transport, name: str = "local",
-                 window: int = 32, heartbeat_s: float = 2.0, fingerprint: str | None = None):
+    def __init__(self, engine: Engine | EngineProcess | StageEngine, model_name: str, channel: Transport,
+                 name: str = "local", window: int = 32, heartbeat_s: float = 2.0, fingerprint: str | None = None):
         self.engine, self.model_name, self.channel, self.name = engine, model_name, channel, name
         self.window, self.heartbeat_s, self.fingerprint = window, heartbeat_s, fingerprint
         self.stages = StageServer(engine, self._send) if isinstance(engine, StageEngine) else None
@@ -89,7 +90,7 @@ class WorkerAgent:
         if kind in ("stage_open", "stage_in", "stage_close") and self.stages is not None:
             self.stages.handle(msg)
         elif kind == "assign":
-            task = asyncio.create_task(self._run_job(msg))
+            task = asyncio.create_task(self._run_job(msg["job"], self._start(msg)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif kind == "cancel":
@@ -104,15 +105,22 @@ class WorkerAgent:
         else:
             log.warning("ignoring message of type %r", kind)
 
-    async def _run_job(self, msg: Message) -> None:
-        job = msg["job"]
+    def _start(self, msg: Message) -> RequestStream | EngineError:
+        """Submit an assigned job now rather than when its task first runs: after a tick that ended many jobs, the
+        event loop has all their HTTP responses to finish first, and the engine would run that long short of work."""
         try:
             params = SamplingParams.from_wire(msg.get("params", {}))
-            stream = self.engine.submit(msg["prompt"], params, session_id=msg.get("session_id"),
-                                        priority=msg.get("priority", 0), request_id=job)
-        except (EngineError, TypeError) as e:
-            code = "sticky_busy" if isinstance(e, StickyBusy) else "invalid_request"
-            await self._send({"type": "done", "job": job, "finish_reason": "error", "code": code, "error": str(e)})
+            return self.engine.submit(msg["prompt"], params, session_id=msg.get("session_id"),
+                                      priority=msg.get("priority", 0), request_id=msg["job"])
+        except EngineError as e:
+            return e
+        except TypeError as e:
+            return EngineError(str(e))
+
+    async def _run_job(self, job: str, stream: RequestStream | EngineError) -> None:
+        if isinstance(stream, EngineError):
+            code = "sticky_busy" if isinstance(stream, StickyBusy) else "invalid_request"
+            await self._send({"type": "done", "job": job, "finish_reason": "error", "code": code, "error": str(stream)})
             await self._send({"type": "credit", "n": 1})
             return
         self._windows[job] = window = asyncio.Semaphore(self.window)

@@ -6,7 +6,7 @@ import signal
 
 import websockets
 
-from shoal.engine import Engine
+from shoal.engine.process import EngineProcess
 from shoal.engine.stage import StageEngine
 from shoal.worker.agent import WorkerAgent
 from shoal.worker.channel import ChannelClosed, Message, decode, encode
@@ -39,7 +39,7 @@ def ws_url(coordinator: str) -> str:
     return f"{base}/v1/workers/connect"
 
 
-async def run_worker(coordinator: str, token: str, engine: Engine | StageEngine, model_name: str, name: str,
+async def run_worker(coordinator: str, token: str, engine: EngineProcess | StageEngine, model_name: str, name: str,
                      fingerprint: str | None = None, max_backoff: float = 30.0) -> None:
     """Serve until SIGTERM or SIGINT, which drains: in-flight jobs finish, no new ones are taken."""
     stop = asyncio.Event()
