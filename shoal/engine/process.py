@@ -70,16 +70,16 @@ class Relay:
                 msg = self.conn.recv()
                 if msg[0] == "close":
                     break
-                kind, request_id, *args = msg
+                kind, key, *args = msg  # key: the request's id, or end_session's session id
                 if kind == "add":
-                    outlet = self.outlets[request_id] = Forward(request_id, self.engine.config.event_queue_size)
+                    outlet = self.outlets[key] = Forward(key, self.engine.config.event_queue_size)
                     self.engine.add(outlet, *args)
                 elif kind == "cancel":
-                    self.engine.cancel(request_id)
+                    self.engine.cancel(key)
                 elif kind == "end_session":
-                    self.engine.end_session(request_id)
-                elif request_id in self.outlets:
-                    self.outlets[request_id].paused = kind == "pause"
+                    self.engine.end_session(key)
+                elif key in self.outlets:
+                    self.outlets[key].paused = kind == "pause"
         except EOFError:
             pass
         finally:
@@ -209,12 +209,13 @@ class EngineProcess:
             while True:
                 self._snapshot, events = pickle.loads(self._conn.recv_bytes())
                 batch = [(self._streams[rid], event) for rid, event in events if rid in self._streams]
-                deliver(batch)
                 for stream, event in batch:
-                    if event.kind == "final":
+                    if event.kind == "final":  # before its reader sees it, so that the session's next request may go
                         self._streams.pop(stream.id, None)
                         self.sessions.release(stream.session_id)
-                    elif stream.pending >= limit and not stream.paused:
+                deliver(batch)
+                for stream, _ in batch:
+                    if stream.pending >= limit and not stream.paused and stream.id in self._streams:
                         self.flow(stream, True)
         except (EOFError, OSError):
             self._exited = "the engine process has exited"
