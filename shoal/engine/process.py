@@ -160,8 +160,7 @@ class EngineProcess:
         self.sessions.claim(session_id)
         stream = ProcessStream(request_id or uuid.uuid4().hex, ids, loop, self, session_id)
         self._streams[stream.id] = stream
-        if self._exited is None:
-            self._send(("add", stream.id, ids, params, priority, session_id, parent_key))
+        self._send(("add", stream.id, ids, params, priority, session_id, parent_key))  # to a dead child: a no-op
         if self._exited is not None:
             self._streams.pop(stream.id, None)
             self.sessions.release(session_id)
