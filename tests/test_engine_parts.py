@@ -119,6 +119,16 @@ def test_seeded_sampling_repeats():
     assert len(set(draws)) == 1 and len({sample(logits, temperature=1, seed=s) for s in range(20)}) > 1
 
 
+def test_sampled_frequencies_follow_the_tempered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    s = seq([0], temperature=2.0, seed=3)
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[Sampler([]).sample(logits, s)[0]] += 1
+    expected = torch.softmax(logits / 2.0, -1) * 4000
+    assert counts[4] == 0 and ((counts - expected).abs() < 4 * expected.sqrt() + 1).all(), (counts, expected)
+
+
 @pytest.fixture(scope="module")
 def marked_tokenizer():
     tok = Tokenizer.from_dir(DEMO_PATH)

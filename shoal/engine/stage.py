@@ -20,7 +20,7 @@ from shoal.engine.engine import EngineConfig
 from shoal.engine.intake import Prompt, tokenize
 from shoal.engine.params import EngineError, SamplingParams
 from shoal.engine.runner import num_blocks_for
-from shoal.engine.sampler import Sampler
+from shoal.engine.sampler import Sampler, draw
 from shoal.engine.sequence import Sequence, at_length, ends_on
 from shoal.engine.stream import TextStream, marker_ids
 from shoal.model import Transformer, load_model
@@ -131,10 +131,9 @@ class StageEngine:
             params = replace(params, max_tokens=self.context_len - len(ids))
         seq = Sequence(session_id, list(ids), params, torch.Generator().manual_seed(params.seed or 0))
         text = TextStream(self.tokenizer, params.stop, self.markers)
-        vocab = self.model.config.vocab_size
         for token in generated:  # replay what was sampled before, so the generator and the text are where they were
             if params.temperature > 0:
-                torch.empty(vocab).exponential_(generator=seq.generator)
+                draw(seq.generator)
             seq.token_ids.append(token)
             text.push(token)
         return seq, text
