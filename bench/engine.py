@@ -9,7 +9,7 @@
 
 Full mode uses a random model shaped like Qwen2-0.5B; --quick (a few minutes on 2 cores) uses the
 demo model, with a copy whose context is raised to 2,048 for the prefix test.
-Usage: python bench/engine.py [--quick]
+Usage: python bench/engine.py [--quick] [--dtype bfloat16]
 """
 
 import argparse
@@ -131,9 +131,9 @@ def weight_bytes(model: Transformer) -> int:
     return sum(p.nbytes for p in model.parameters())
 
 
-def run(path: Path, prefix_path: Path, setup: dict) -> dict:
+def run(path: Path, prefix_path: Path, setup: dict, dtype: str | None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path, device=device)
+    model = load_model(path, device=device, dtype=dtype)
     engine = Engine(model, Tokenizer.from_dir(path), EngineConfig(n_seq_max=setup["batch"], kv_cache_mb=1024))
     vocab, n = model.config.vocab_size, setup["new_tokens"]
     batch = prompts(vocab, setup["requests"], setup["lengths"])
@@ -148,7 +148,7 @@ def run(path: Path, prefix_path: Path, setup: dict) -> dict:
     decode = asyncio.run(batch1_decode(engine, vocab, 32))
     engine.close()
     bound = bandwidth / weight_bytes(model)
-    prefix_engine = Engine.from_dir(prefix_path, EngineConfig(kv_cache_mb=1024))
+    prefix_engine = Engine.from_dir(prefix_path, EngineConfig(kv_cache_mb=1024, dtype=dtype))
     prefix = asyncio.run(prefix_speedup(prefix_engine, vocab))
     prefix_engine.close()
     tokens, achieved = setup["requests"] * n, forward_flops(model, batch, n) / ours
@@ -168,6 +168,8 @@ def run(path: Path, prefix_path: Path, setup: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="demo model, fewer requests (a few minutes on 2 cores)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 for shoal and transformers alike "
+                        "(default: shoal's own choice for the device)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
@@ -178,7 +180,7 @@ def main() -> None:
             path = prefix_path = random_qwen(Path(tmp) / "qwen")
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(DEMO_PATH / name, path / name)
-        report = run(path, prefix_path, QUICK if args.quick else FULL)
+        report = run(path, prefix_path, QUICK if args.quick else FULL, args.dtype)
     print(json.dumps({"mode": "quick" if args.quick else "full", **report}, indent=2))
 
 
