@@ -16,6 +16,10 @@ from torch import nn
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # larger products are compute-bound: every phrasing runs alike
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
+# A weight is timed at its real shape up to this size: BLAS picks its kernel and its split across threads by
+# shape, so a cut-down stand-in can rank phrasings wrongly (an LM head of 152k rows runs 1.6x faster flipped at
+# 16 rows, a cut of 19k rows does not).
+FULL_SHAPE_BYTES = 1 * 2**30
 # A choice leaves the plain product only for a clear gain: where the two are close, timing noise would
 # otherwise make processes on one machine (a stage and its replica) choose differently and round differently.
 CLEARLY = 0.8
@@ -53,9 +57,9 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def _stand_ins(out: int, inp: int, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
-    """Weights to time products with: up to `count` of the shape, at most TIMING_BYTES in all (a weight larger
-    than that is cut to its first rows: products scale with rows), so that small ones are not all in cache."""
-    rows = max(1, min(out, TIMING_BYTES // (inp * dtype.itemsize)))
+    """Weights to time products with: up to `count` of the shape, at most TIMING_BYTES in all so that small ones
+    are not all in cache; a weight larger than FULL_SHAPE_BYTES is cut to its first rows."""
+    rows = max(1, min(out, FULL_SHAPE_BYTES // (inp * dtype.itemsize)))
     count = max(1, min(count, TIMING_BYTES // (rows * inp * dtype.itemsize)))
     return [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
 
