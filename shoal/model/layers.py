@@ -57,10 +57,10 @@ class Attention(nn.Module):
         gqa = self.heads != self.kv_heads
         d = batch.decode
         if d is not None and not batch.seqs:  # decode only: row i is sequence i's token
-            return self._decode(q, d, kv, layer, gqa)
+            return self._decode(q, d, kv, layer)
         out = q.new_empty(q.shape[0], self.q_size)
         if d is not None:
-            out[d.rows] = self._decode(q[d.rows], d, kv, layer, gqa)
+            out[d.rows] = self._decode(q[d.rows], d, kv, layer)
         for seq in batch.seqs:
             # 4-D [1, heads, len, dim]: with a batch dimension CPU SDPA takes its flash kernel, 2.5-4x faster
             rows = slice(seq.start, seq.start + seq.query_len)
@@ -70,11 +70,14 @@ class Attention(nn.Module):
             out[rows] = oi[0].transpose(0, 1).reshape(seq.query_len, self.q_size)
         return out
 
-    def _decode(self, q: torch.Tensor, d: DecodeGroup, kv: PagedKVCache, layer: int, gqa: bool) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, d: DecodeGroup, kv: PagedKVCache, layer: int) -> torch.Tensor:
         n, width = d.slots.shape
         k, v = (t.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
                 for t in kv.gather(layer, d.slots.flatten()))
-        o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=d.mask, enable_gqa=gqa)
+        # The query heads sharing a KV head attend as the rows of one query: one product per KV head, not one
+        # per query head (1.6x faster on a CPU)
+        q = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=d.mask)
         return o.reshape(n, self.q_size)
 
 
