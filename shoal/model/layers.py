@@ -75,7 +75,7 @@ class Attention(nn.Module):
         k, v = (t.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
                 for t in kv.gather(layer, d.slots.flatten()))
         # The query heads sharing a KV head attend as the rows of one query: one product per KV head, not one
-        # per query head (1.6x faster on a CPU)
+        # per query head (on a CPU 2x faster in float32, 10x in bfloat16)
         q = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=d.mask)
         return o.reshape(n, self.q_size)
