@@ -241,17 +241,17 @@ def worker(
     import socket
 
     import httpx
-    import torch
 
     from shoal import logs
     from shoal.engine.process import EngineProcess
     from shoal.engine.stage import StageEngine
+    from shoal.model.matmul import set_threads
     from shoal.model.weights import weights_fingerprint
     from shoal.worker.remote import run_worker
 
     logs.configure()
     if threads is not None:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     config = EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=n_seq_max, kv_disk_dir=kv_disk_dir and str(kv_disk_dir),
                           kv_disk_gb=kv_disk_gb, dtype=dtype)
     try:

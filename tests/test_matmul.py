@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from test_model_parity import forward_batch, prompts, tables
 
 from shoal.model import load_model
-from shoal.model.matmul import ROW_BUCKETS, Linear, bucket, column_major, product
+from shoal.model.matmul import ROW_BUCKETS, Linear, bucket, column_major, flipped, openblas, plain, product, ways_for
 
 
 def test_buckets_hold_their_rows():
@@ -15,14 +15,14 @@ def test_buckets_hold_their_rows():
 @pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 7), (3, 4, 7), (100, 7)])
 @pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_every_phrasing_and_layout_computes_the_linear_map(shape, columns, bias):
+def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
     g = torch.Generator().manual_seed(0)
     weight, x = torch.randn(11, 7, generator=g), torch.randn(*shape, generator=g)
     b = torch.randn(11, generator=g) if bias else None
     expected = F.linear(x, weight, b)
     w = column_major(weight) if columns else weight
-    for flipped in [(), (True,) * len(ROW_BUCKETS), (False,) * len(ROW_BUCKETS)]:
-        got = product(x, w, b, flipped)
+    for ways in [(), *((way,) * len(ROW_BUCKETS) for way in (plain, flipped, openblas))]:
+        got = product(x, w, b, ways)
         assert got.shape == expected.shape and got.is_contiguous()
         torch.testing.assert_close(got, expected)
 
@@ -31,14 +31,14 @@ def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
     _, path = hf_models("qwen2")
     model = load_model(path, device="cpu")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert linears and all(len(m.flipped) in (0, len(ROW_BUCKETS)) for m in linears)
+    assert linears and all(len(m.ways) in (0, len(ROW_BUCKETS)) for m in linears)
     assert model.lm_head.weight is model.embed_tokens.weight
     for m in linears:
         assert m.weight.is_contiguous() or m.weight.stride() == (1, m.weight.shape[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_forced_layouts_and_phrasings_give_the_tuned_logits(hf_models, arch):
+def test_forced_layouts_and_ways_give_the_tuned_logits(hf_models, arch):
     # Whatever the timing picks on this machine, every combination must compute the same logits.
     _, path = hf_models(arch)
     model = load_model(path, device="cpu")
@@ -51,9 +51,14 @@ def test_forced_layouts_and_phrasings_give_the_tuned_logits(hf_models, arch):
     tuned = logits()
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     for columns in (False, True):
-        for flip in (False, True):
+        for way in (plain, flipped, openblas):
             for m in linears:
                 weight = m.weight.data.contiguous()
                 m.weight.data = column_major(weight) if columns else weight
-                m.flipped = (flip,) * len(ROW_BUCKETS)
+                m.ways = (way,) * len(ROW_BUCKETS)
             torch.testing.assert_close(logits(), tuned, atol=1e-5, rtol=0)
+
+
+def test_numpy_blas_is_offered_for_float32_only():
+    assert openblas in ways_for(torch.float32)
+    assert openblas not in ways_for(torch.bfloat16) and openblas not in ways_for(torch.float16)

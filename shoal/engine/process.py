@@ -18,12 +18,11 @@ import uuid
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import torch
-
 from shoal.engine.engine import Engine, EngineConfig, Outlet
 from shoal.engine.events import Event, RequestStream, Stats, deliver
 from shoal.engine.intake import Prompt, Sessions, running_loop
 from shoal.engine.params import EngineError, SamplingParams
+from shoal.model.matmul import set_threads
 from shoal.model.tokenizer import Tokenizer
 
 
@@ -89,7 +88,7 @@ class Relay:
 def child_main(conn: Connection, path: str, config: EngineConfig, threads: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent closes us
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     try:
         engine = Engine.from_dir(path, config)
     except Exception as e:

@@ -1,52 +1,82 @@
 """Linear layers whose CPU product is chosen by measurement, per weight shape and row count.
 
-On a CPU the BLAS kernel behind `x @ W.T` depends on the weight's memory layout and on how the product
-is phrased, and for the few rows of a decode step the spread is wide: a wide matrix-vector product
-runs up to twice as fast from a column-major weight, and 2-64 rows often run faster as `(W @ x.T).T`.
-`tune` times both layouts and both phrasings on stand-ins of the model's weight shapes and keeps whichever
-is clearly faster than the plain product.
+On a CPU the kernel behind `x @ W.T` depends on the library, the weight's memory layout and how the
+product is phrased, and the spread is wide:
+- torch's BLAS (MKL) runs a wide matrix-vector product up to twice as fast from a column-major weight,
+  and 2-64 rows often faster as `(W @ x.T).T`;
+- numpy's OpenBLAS runs float32 matrix-vector products 2-2.6x faster than MKL on AMD CPUs (where MKL
+  does not take its fastest paths), and large float32 products 1.1-1.3x faster.
+`tune` times every way on stand-ins of the model's weight shapes and keeps whichever is clearly faster
+than the plain product.
 """
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # larger products are compute-bound: every phrasing runs alike
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # more rows go the last bucket's way: the ranking holds from there on
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
 # A weight is timed at its real shape up to this size: BLAS picks its kernel and its split across threads by
-# shape, so a cut-down stand-in can rank phrasings wrongly (an LM head of 152k rows runs 1.6x faster flipped at
+# shape, so a cut-down stand-in can rank ways wrongly (an LM head of 152k rows runs 1.6x faster flipped at
 # 16 rows, a cut of 19k rows does not).
 FULL_SHAPE_BYTES = 1 * 2**30
 # A choice leaves the plain product only for a clear gain: where the two are close, timing noise would
 # otherwise make processes on one machine (a stage and its replica) choose differently and round differently.
-CLEARLY = 0.8
-QUICK_S = 50e-6  # a single-row product quicker than this is mostly call overhead: every phrasing runs alike
+CLEARLY = 0.9
+LAYOUT_CLEARLY = 0.8  # a layout only for a larger gain: it is kept for every row count
+QUICK_S = 50e-6  # a single-row product quicker than this is mostly call overhead: every way runs alike
+Way = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def plain(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+def flipped(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (weight @ x.T).T
+
+
+def openblas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The product by numpy's BLAS; float32 only (numpy has no bfloat16, and no BLAS for float16)."""
+    return torch.from_numpy(x.numpy() @ weight.detach().numpy().T)
+
+
+def ways_for(dtype: torch.dtype) -> tuple[Way, ...]:
+    return (plain, flipped, openblas) if dtype == torch.float32 else (plain, flipped)
+
+
+def set_threads(n: int) -> None:
+    """Run torch's math and numpy's BLAS on `n` threads each (they take turns, never run at once)."""
+    torch.set_num_threads(n)
+    ThreadpoolController().limit(limits=n, user_api="blas")
 
 
 def bucket(rows: int) -> int:
-    """Index of the smallest bucket holding `rows`."""
+    """Index of the smallest bucket holding `rows` (the last one for more)."""
     return min(len(ROW_BUCKETS) - 1, max(0, rows - 1).bit_length())
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, for row counts `tune` found faster that way, multiplies as (W @ x.T).T: `flipped` says
-    which, per row bucket (empty: never)."""
+    """nn.Linear that multiplies the way `tune` found fastest for the row count: `ways` per row bucket (empty:
+    always plain)."""
 
-    flipped: tuple[bool, ...] = ()
+    ways: tuple[Way, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return product(x, self.weight, self.bias, self.flipped)
+        return product(x, self.weight, self.bias, self.ways)
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            flipped: tuple[bool, ...]) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if flipped else 0
-    if not flipped or rows > ROW_BUCKETS[-1] or not flipped[bucket(rows)]:
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ways: tuple[Way, ...]) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if ways else 0
+    way = ways[bucket(rows)] if ways else plain
+    if way is plain:
         return F.linear(x, weight, bias)
-    out = (weight @ x.reshape(rows, -1).T).T
+    out = way(x.reshape(rows, -1), weight)
     out = (out if bias is None else out + bias).contiguous()
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -64,45 +94,50 @@ def _stand_ins(out: int, inp: int, dtype: torch.dtype, count: int) -> list[torch
     return [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
 
 
-def _time(weights: list[torch.Tensor], rows: int, flip: bool, repeats: int = 3) -> float:
-    """Seconds for one product with each weight: the best of a few runs, or the first where that is already
-    long enough to measure."""
+def _time(weights: list[torch.Tensor], x: torch.Tensor, way: Way) -> float:
+    """Seconds for one product with each weight, after an untimed one: a library whose threads slept, or spun
+    on after the other library's product, is timed as it runs in a forward, where products follow each other."""
+    way(x, weights[0])
+    began = time.perf_counter()
+    for w in weights:
+        way(x, w)
+    return time.perf_counter() - began
+
+
+def _fastest(weights: list[torch.Tensor], rows: int, rounds: int = 3) -> tuple[float, Way]:
+    """The quickest time and the way to use: the quickest one if clearly faster than plain, else plain. The ways
+    take turns, round after round (until a round is long enough to measure), so a slow moment of the machine
+    does not count against one of them only."""
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
-    flipped = (flip,) * len(ROW_BUCKETS)
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        for w in weights:
-            product(x, w, None, flipped)
-        best = min(best, time.perf_counter() - began)
-        if best > 0.02:
+    times = dict.fromkeys(ways_for(weights[0].dtype), float("inf"))
+    for _ in range(rounds):
+        for way in times:
+            times[way] = min(times[way], _time(weights, x, way))
+        if min(times.values()) > 0.02:
             break
-    return best
+    best = min(times, key=times.__getitem__)
+    return times[best], best if times[best] < CLEARLY * times[plain] else plain
 
 
-def _faster_flipped(weights: list[torch.Tensor], rows: int) -> tuple[float, bool]:
-    plain, flip = _time(weights, rows, False), _time(weights, rows, True)
-    return min(plain, flip), flip < CLEARLY * plain
-
-
-def _choose(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple[bool, tuple[bool, ...]]:
-    """Whether weights of this shape go column-major, and per row bucket whether to flip the product. The
-    layout is the one faster for a single row: the latency of decoding one sequence."""
+def _choose(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple[bool, tuple[Way, ...]]:
+    """Whether weights of this shape go column-major, and the way to multiply per row bucket. The layout is the
+    one faster for a single row: the latency of decoding one sequence."""
     rows_major = _stand_ins(out, inp, dtype, count)
-    row_time, row_flip = _faster_flipped(rows_major, 1)
-    if row_time / len(rows_major) < QUICK_S:
+    if _time(rows_major, torch.randn(1, inp, dtype=dtype), plain) / len(rows_major) < QUICK_S:
         return False, ()
+    row_time, row_way = _fastest(rows_major, 1)
     cols_major = [column_major(w) for w in rows_major]
-    col_time, col_flip = _faster_flipped(cols_major, 1)
-    columns = col_time < CLEARLY * row_time
+    col_time, col_way = _fastest(cols_major, 1)
+    columns = col_time < LAYOUT_CLEARLY * row_time
     weights = cols_major if columns else rows_major
-    return columns, (col_flip if columns else row_flip, *(_faster_flipped(weights, n)[1] for n in ROW_BUCKETS[1:]))
+    return columns, (col_way if columns else row_way, *(_fastest(weights, n)[1] for n in ROW_BUCKETS[1:]))
 
 
-def tune(model: nn.Module, sample: int = 4) -> dict[tuple[int, int], str]:
-    """Choose layout and phrasing for every CPU `Linear` of a model whose weights are about to be loaded (a
-    weight whose layout changes gets fresh, unset memory), timing up to `sample` stand-ins of each weight
-    shape: their values do not change the time. Returns the choices, by shape."""
+def tune(model: nn.Module) -> dict[tuple[int, int], str]:
+    """Choose layout and way for every CPU `Linear` of a model whose weights are about to be loaded (a weight
+    whose layout changes gets fresh, unset memory), timing as many stand-ins of each weight shape as the model
+    has, up to TIMING_BYTES, so that they stream from memory as the model's weights do in a forward: their
+    values do not change the time. Returns the choices, by shape."""
     groups: dict[tuple, list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu":
@@ -110,10 +145,11 @@ def tune(model: nn.Module, sample: int = 4) -> dict[tuple[int, int], str]:
     chosen = {}
     with torch.inference_mode():
         for (out, inp, dtype), modules in groups.items():
-            columns, flipped = _choose(out, inp, dtype, min(sample, len(modules)))
+            columns, ways = _choose(out, inp, dtype, len(modules))
             for m in modules:
                 if columns and m.weight.is_contiguous():  # not already column-major from an earlier tune
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
-                m.flipped = flipped if any(flipped) else ()  # () skips the bucket lookup
-            chosen[(out, inp)] = f"{'column' if columns else 'row'}-major, flipped at {flipped or 'no row count'}"
+                m.ways = ways if any(way is not plain for way in ways) else ()  # () skips the bucket lookup
+            names = ", ".join(f"{n}: {w.__name__}" for n, w in zip(ROW_BUCKETS, ways, strict=True)) if ways else "plain"
+            chosen[(out, inp)] = f"{'column' if columns else 'row'}-major; {names}"
     return chosen
