@@ -2,9 +2,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_model_parity import forward_batch, prompts, tables
+from threadpoolctl import threadpool_info
 
 from shoal.model import load_model
-from shoal.model.matmul import ROW_BUCKETS, Linear, bucket, column_major, flipped, openblas, plain, product, ways_for
+from shoal.model.matmul import (
+    ROW_BUCKETS,
+    Linear,
+    bucket,
+    column_major,
+    flipped,
+    openblas,
+    plain,
+    product,
+    set_threads,
+    ways_for,
+)
 
 
 def test_buckets_hold_their_rows():
@@ -62,3 +74,13 @@ def test_forced_layouts_and_ways_give_the_tuned_logits(hf_models, arch):
 def test_numpy_blas_is_offered_for_float32_only():
     assert openblas in ways_for(torch.float32)
     assert openblas not in ways_for(torch.bfloat16) and openblas not in ways_for(torch.float16)
+
+
+def test_set_threads_sets_numpy_blas_threads_with_torchs():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+        assert torch.get_num_threads() == 1 and blas and all(p["num_threads"] == 1 for p in blas)
+    finally:
+        set_threads(before)

@@ -4,7 +4,7 @@ On a CPU the kernel behind `x @ W.T` depends on the library, the weight's memory
 product is phrased, and the spread is wide:
 - torch's BLAS (MKL) runs a wide matrix-vector product up to twice as fast from a column-major weight,
   and 2-64 rows often faster as `(W @ x.T).T`;
-- numpy's OpenBLAS runs float32 matrix-vector products 2-2.6x faster than MKL on AMD CPUs (where MKL
+- numpy's OpenBLAS ran float32 matrix-vector products 2-2.6x faster than MKL on an AMD EPYC (where MKL
   does not take its fastest paths), and large float32 products 1.1-1.3x faster.
 `tune` times every way on stand-ins of the model's weight shapes and keeps whichever is clearly faster
 than the plain product.
