@@ -13,6 +13,9 @@ demo model, with a copy whose context is raised to 2,048 for the prefix test.
 Usage: python bench/engine.py [--quick] [--dtype bfloat16]
 """
 
+import shoal  # noqa: F401  (before torch: it sets how torch's threads wait, see shoal/__init__.py)
+
+# isort: split
 import argparse
 import asyncio
 import json

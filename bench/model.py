@@ -4,6 +4,9 @@ Prints JSON. Runs are interleaved (transformers, shoal, transformers, ...) and t
 so background load hits both sides alike. Usage: python bench/model.py [--models qwen-0.5b,demo]
 """
 
+import shoal  # noqa: F401  (before torch: it sets how torch's threads wait, see shoal/__init__.py)
+
+# isort: split
 import argparse
 import json
 import statistics

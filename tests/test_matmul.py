@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,3 +88,12 @@ def test_set_threads_sets_numpy_blas_threads_with_torchs():
         assert torch.get_num_threads() == 1 and blas and all(p["num_threads"] == 1 for p in blas)
     finally:
         set_threads(before)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_shoal_makes_torchs_threads_wait_passively_unless_told(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": given} if given else {}
+    out = subprocess.run([sys.executable, "-c", "import os, shoal; print(os.environ['OMP_WAIT_POLICY'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
