@@ -104,8 +104,8 @@ def _time(weights: list[torch.Tensor], x: torch.Tensor, way: Way) -> float:
     return time.perf_counter() - began
 
 
-def _fastest(weights: list[torch.Tensor], rows: int, rounds: int = 3) -> tuple[float, Way]:
-    """The quickest time and the way to use: the quickest one if clearly faster than plain, else plain. The ways
+def _fastest(weights: list[torch.Tensor], rows: int, rounds: int = 3) -> tuple[dict[Way, float], Way]:
+    """Each way's time, and the way to use: the quickest one if clearly faster than plain, else plain. The ways
     take turns, round after round (until a round is long enough to measure), so a slow moment of the machine
     does not count against one of them only."""
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
@@ -116,19 +116,19 @@ def _fastest(weights: list[torch.Tensor], rows: int, rounds: int = 3) -> tuple[f
         if min(times.values()) > 0.02:
             break
     best = min(times, key=times.__getitem__)
-    return times[best], best if times[best] < CLEARLY * times[plain] else plain
+    return times, best if times[best] < CLEARLY * times[plain] else plain
 
 
 def _choose(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple[bool, tuple[Way, ...]]:
     """Whether weights of this shape go column-major, and the way to multiply per row bucket. The layout is the
     one faster for a single row: the latency of decoding one sequence."""
     rows_major = _stand_ins(out, inp, dtype, count)
-    if _time(rows_major, torch.randn(1, inp, dtype=dtype), plain) / len(rows_major) < QUICK_S:
+    row_times, row_way = _fastest(rows_major, 1)
+    if row_times[plain] / len(rows_major) < QUICK_S:
         return False, ()
-    row_time, row_way = _fastest(rows_major, 1)
     cols_major = [column_major(w) for w in rows_major]
-    col_time, col_way = _fastest(cols_major, 1)
-    columns = col_time < LAYOUT_CLEARLY * row_time
+    col_times, col_way = _fastest(cols_major, 1)
+    columns = min(col_times.values()) < LAYOUT_CLEARLY * min(row_times.values())
     weights = cols_major if columns else rows_major
     return columns, (col_way if columns else row_way, *(_fastest(weights, n)[1] for n in ROW_BUCKETS[1:]))
 
