@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from engine_helpers import GREEDY, QUESTIONS, alone, chat, run, together
+from engine_helpers import GREEDY, QUESTIONS, abandon_then_serve, alone, chat, run, together
 
 from shoal.engine import Engine, EngineError, SamplingParams
 
@@ -100,6 +100,19 @@ def test_cancel_frees_blocks(make_engine):
     assert stats.completion_tokens < 400 and engine.snapshot()["kv_blocks_used"] == 0
 
 
+def test_cancelling_a_stalled_request_ends_it_at_once(make_engine):
+    engine = make_engine(event_queue_size=4)
+
+    async def go():
+        stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True))
+        await asyncio.sleep(0.5)  # the engine holds it after 4 events and waits for commands
+        stream.cancel()
+        return await asyncio.wait_for(stream.result(), 5)
+
+    _, ids, stats = run(go())
+    assert stats.finish_reason == "cancelled" and len(ids) == 4 and engine.snapshot()["kv_blocks_used"] == 0
+
+
 def test_a_stalled_consumer_stalls_only_its_own_request(make_engine):
     engine = make_engine(event_queue_size=4, stall_timeout_s=3.0)  # long enough for 120 tokens on a busy machine
     params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
@@ -117,6 +130,10 @@ def test_a_stalled_consumer_stalls_only_its_own_request(make_engine):
     _, ids, stats = run(go())
     assert (stats.finish_reason, stats.state) == ("timeout", "FAILED")
     assert len(ids) <= 5
+
+
+def test_a_request_whose_event_loop_closed_is_cancelled_and_the_engine_goes_on(make_engine):
+    abandon_then_serve(make_engine())
 
 
 def test_a_request_past_its_timeout_ends_with_timeout(make_engine):

@@ -174,17 +174,19 @@ class Engine:
     # model thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stopped:
-            self._drain(block=not self._requests)
+        while True:
+            self._drain(block=False)
+            if self._stopped:
+                break
             self._expire()
             batch = self.scheduler.schedule()
             if batch:
                 self._step(batch)
             self._publish(batch)
             self._deliver()  # after the snapshot, so a reader never sees it lag an event
-            if not batch:
-                self._drain(block=True, timeout=0.005)
-        self._deliver()  # what a shutdown between ticks ended
+            if not batch:  # wait for a command; the next pass publishes what it did
+                self._drain(block=True, timeout=0.005 if self._requests else None)
+        self._deliver()  # what the shutdown ended
 
     def _deliver(self) -> None:
         if self.sink is not None:

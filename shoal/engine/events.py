@@ -104,4 +104,8 @@ def deliver(events: Iterable[tuple[RequestStream, Event]]) -> None:
         stream.append(event)
         woken.setdefault(stream.loop, set()).add(stream)
     for loop, streams in woken.items():
-        loop.call_soon_threadsafe(RequestStream.wake_all, streams)
+        try:
+            loop.call_soon_threadsafe(RequestStream.wake_all, streams)
+        except RuntimeError:  # the loop has closed, so nobody will read these requests
+            for stream in streams:
+                stream.cancel()
