@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from engine_helpers import GREEDY, QUESTIONS, alone, chat, run, together
+from engine_helpers import GREEDY, QUESTIONS, abandon_then_serve, alone, chat, run, together
 
 from shoal.engine import EngineConfig, EngineError, SamplingParams, StickyBusy
 from shoal.engine.process import EngineProcess
@@ -74,7 +74,7 @@ def test_a_slow_reader_holds_only_its_own_request_and_gets_every_token(front):
         slow = front.submit(list(range(10, 50)), params)
         _, ids, _ = await front.submit(list(range(60, 90)), params).result()
         assert len(ids) == 100
-        assert slow.paused and slow.pending <= 4 + 2  # held in the child, not buffered here
+        assert 0 < slow.pending <= 4  # held in the child, not buffered here
         return await slow.result()
 
     _, ids, stats = run(go())
@@ -89,7 +89,11 @@ def test_a_reader_that_never_reads_times_out(front):
         return await stalled.result()
 
     _, ids, stats = run(go())
-    assert (stats.finish_reason, stats.state) == ("timeout", "FAILED") and len(ids) <= 6
+    assert (stats.finish_reason, stats.state) == ("timeout", "FAILED") and len(ids) <= 4
+
+
+def test_a_request_whose_event_loop_closed_is_cancelled_and_the_engine_goes_on(front):
+    abandon_then_serve(front)
 
 
 def test_closing_cancels_requests_in_flight():

@@ -27,14 +27,16 @@ from shoal.model.tokenizer import Tokenizer
 
 
 class Forward:
-    """The child's stand-in for a request's stream: the parent says when its reader falls behind."""
+    """The child's stand-in for a request's stream: its pending events are those sent less those the parent
+    says its reader took, so a slow reader's request stops after event_queue_size events, however late
+    the parent's word arrives."""
 
-    def __init__(self, request_id: str, limit: int):
-        self.id, self.limit, self.paused = request_id, limit, False
+    def __init__(self, request_id: str):
+        self.id, self.sent, self.read = request_id, 0, 0
 
     @property
     def pending(self) -> int:
-        return self.limit if self.paused else 0
+        return self.sent - self.read
 
 
 class Relay:
@@ -56,6 +58,7 @@ class Relay:
                     self.conn.send_bytes(pickle.dumps((snapshot, [(o.id, event) for o, event in events]), -1))
                 self._last = snapshot
         for outlet, event in events:
+            outlet.sent += 1
             if event.kind == "final":
                 self.outlets.pop(outlet.id, None)
 
@@ -71,14 +74,14 @@ class Relay:
                     break
                 kind, key, *args = msg  # key: the request's id, or end_session's session id
                 if kind == "add":
-                    outlet = self.outlets[key] = Forward(key, self.engine.config.event_queue_size)
+                    outlet = self.outlets[key] = Forward(key)
                     self.engine.add(outlet, *args)
                 elif kind == "cancel":
                     self.engine.cancel(key)
                 elif kind == "end_session":
                     self.engine.end_session(key)
-                elif key in self.outlets:
-                    self.outlets[key].paused = kind == "pause"
+                elif kind == "read" and key in self.outlets:
+                    self.outlets[key].read = args[0]
         except EOFError:
             pass
         finally:
@@ -103,17 +106,20 @@ def child_main(conn: Connection, path: str, config: EngineConfig, threads: int |
 
 
 class ProcessStream(RequestStream):
-    """A request's stream in the parent; it tells the child when its reader falls behind and catches up."""
+    """A request's stream in the parent; each half queue of events its reader takes, it tells the child."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], loop: asyncio.AbstractEventLoop, front: "EngineProcess",
                  session_id: str | None):
         super().__init__(request_id, prompt_ids, loop, front.cancel)
-        self.front, self.session_id, self.paused = front, session_id, False
+        self.front, self.session_id = front, session_id
+        self.read = self.told = 0
 
     async def __anext__(self) -> Event:
         event = await super().__anext__()
-        if self.paused:
-            self.front.flow(self, self.pending >= self.front.config.event_queue_size // 2)
+        self.read += 1
+        if self.read - self.told >= max(1, self.front.config.event_queue_size // 2):
+            self.told = self.read
+            self.front.took(self.id, self.read)
         return event
 
 
@@ -183,26 +189,18 @@ class EngineProcess:
             self._process.kill()
         self._reader.join(timeout=10)
 
-    def flow(self, stream: ProcessStream, paused: bool) -> None:
-        """Tell the child to hold the request (its reader is behind) or go on; under the lock, so that a pause
-        and the resume that follows it reach the child in that order."""
-        with self._lock:
-            if stream.paused != paused:
-                stream.paused = paused
-                self._post(("pause" if paused else "resume", stream.id))
+    def took(self, request_id: str, read: int) -> None:
+        """Tell the child how many of the request's events its reader has taken."""
+        self._send(("read", request_id, read))
 
     def _send(self, msg: tuple) -> None:
-        with self._lock:
-            self._post(msg)
-
-    def _post(self, msg: tuple) -> None:
-        try:
-            self._conn.send(msg)
-        except OSError:
-            self._exited = self._exited or "the engine process has exited"
+        with self._lock:  # the event loop's thread and the reader's (cancelling abandoned requests) both send
+            try:
+                self._conn.send(msg)
+            except OSError:
+                self._exited = self._exited or "the engine process has exited"
 
     def _read(self) -> None:
-        limit = self.config.event_queue_size
         try:
             while True:
                 self._snapshot, events = pickle.loads(self._conn.recv_bytes())
@@ -212,9 +210,6 @@ class EngineProcess:
                         self._streams.pop(stream.id, None)
                         self.sessions.release(stream.session_id)
                 deliver(batch)
-                for stream, _ in batch:
-                    if stream.pending >= limit and not stream.paused and stream.id in self._streams:
-                        self.flow(stream, True)
         except (EOFError, OSError):
             self._exited = "the engine process has exited"
             deliver([(s, Event("final", stats=failed(s, self._exited))) for s in list(self._streams.values())])
