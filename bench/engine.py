@@ -1,7 +1,9 @@
 """The engine against its baselines, all measured in the same run; prints one JSON object.
 
 - throughput_ratio_vs_hf: many sampled requests through shoal's engine, tokens/s, over transformers
-  `generate` on static left-padded batches of the same size, same prompts.
+  `generate` on static left-padded batches of the same size, same prompts. By default every request is in
+  flight at once on both sides (the engine's n_seq_max and transformers' batch are the request count);
+  --batch sets a smaller size for both.
 - flops_fraction: FLOP/s the engine achieved in that run over a plain matmul's FLOP/s (its best of 5 rounds; on a
   CPU in float32, the better of torch's and numpy's BLAS, since the engine multiplies with both).
 - ttft_speedup_prefix: time to first token of a request whose 1,024-token prefix is cached, vs cold.
@@ -34,8 +36,8 @@ from shoal.engine import Engine, EngineConfig, SamplingParams
 from shoal.model import DEMO_PATH, Transformer, load_model
 from shoal.model.tokenizer import Tokenizer
 
-FULL = dict(requests=64, lengths=(32, 512), new_tokens=128, batch=16)
-QUICK = dict(requests=24, lengths=(32, 256), new_tokens=64, batch=8)
+FULL = dict(requests=64, lengths=(32, 512), new_tokens=128, batch=64)
+QUICK = dict(requests=24, lengths=(32, 256), new_tokens=64, batch=24)
 
 
 def prompts(vocab: int, n: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
@@ -148,7 +150,7 @@ def weight_bytes(model: Transformer) -> int:
 def run(path: Path, prefix_path: Path, setup: dict, dtype: str | None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(path, device=device, dtype=dtype)
-    engine = Engine(model, Tokenizer.from_dir(path), EngineConfig(n_seq_max=setup["batch"], kv_cache_mb=1024))
+    engine = Engine(model, Tokenizer.from_dir(path), EngineConfig(n_seq_max=setup["batch"], kv_cache_mb=2048))
     vocab, n = model.config.vocab_size, setup["new_tokens"]
     batch = prompts(vocab, setup["requests"], setup["lengths"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype).to(device).eval()
@@ -184,7 +186,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="demo model, fewer requests (a few minutes on 2 cores)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 for shoal and transformers alike "
                         "(default: shoal's own choice for the device)")
+    parser.add_argument("--batch", type=int, help="sequences at once, for shoal and transformers alike")
     args = parser.parse_args()
+    setup = QUICK if args.quick else FULL
+    setup = {**setup, "batch": args.batch or setup["batch"]}
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             path, prefix_path = DEMO_PATH, Path(shutil.copytree(DEMO_PATH, Path(tmp) / "demo-2k"))
@@ -194,7 +199,7 @@ def main() -> None:
             path = prefix_path = random_qwen(Path(tmp) / "qwen")
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(DEMO_PATH / name, path / name)
-        report = run(path, prefix_path, QUICK if args.quick else FULL, args.dtype)
+        report = run(path, prefix_path, setup, args.dtype)
     print(json.dumps({"mode": "quick" if args.quick else "full", **report}, indent=2))
 
 
