@@ -36,8 +36,8 @@ from shoal.engine import Engine, EngineConfig, SamplingParams
 from shoal.model import DEMO_PATH, Transformer, load_model
 from shoal.model.tokenizer import Tokenizer
 
-FULL = dict(requests=64, lengths=(32, 512), new_tokens=128, batch=64)
-QUICK = dict(requests=24, lengths=(32, 256), new_tokens=64, batch=24)
+FULL = dict(requests=64, lengths=(32, 512), new_tokens=128)
+QUICK = dict(requests=24, lengths=(32, 256), new_tokens=64)
 
 
 def prompts(vocab: int, n: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="sequences at once, for shoal and transformers alike")
     args = parser.parse_args()
     setup = QUICK if args.quick else FULL
-    setup = {**setup, "batch": args.batch or setup["batch"]}
+    setup = {**setup, "batch": args.batch or setup["requests"]}
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             path, prefix_path = DEMO_PATH, Path(shutil.copytree(DEMO_PATH, Path(tmp) / "demo-2k"))
