@@ -236,6 +236,13 @@ def worker(
     max_memory_gb: Annotated[float | None, typer.Option("--max-memory-gb", min=0.0, help=(
         "Without --layers: hold as many layers as fit in this much memory, the range the swarm covers worst."))]
     = None,
+    push: Annotated[bool, typer.Option("--push/--no-push", help=(
+        "As a stage, listen for the previous hop's output pushed straight to it (default), or take every hop's "
+        "input from the coordinator (for a stage other stages cannot reach)."))] = True,
+    peer_host: Annotated[str | None, typer.Option("--peer-host", help=(
+        "Address other stages push to (default: the one this worker reaches the coordinator from)."))] = None,
+    peer_port: Annotated[int, typer.Option("--peer-port", min=0, max=65535, help=(
+        "Port to listen for pushes on (default: any free one)."))] = 0,
 ) -> None:
     """Serve a model (or a range of its layers) to a coordinator over one outgoing connection; SIGTERM drains."""
     import socket
@@ -267,7 +274,8 @@ def worker(
         raise typer.Exit(2) from e
     try:
         _run_fast(run_worker(coordinator, token, engine, model_name or model.resolve().name,
-                             name or socket.gethostname(), fingerprint))
+                             name or socket.gethostname(), fingerprint, peer_host=peer_host,
+                             peer_port=peer_port if push else None))
     finally:
         engine.close()
 

@@ -75,7 +75,22 @@ def test_three_stages_give_the_tokens_of_one_whole_model_worker(swarm):
     for params in (dict(temperature=0.0, max_tokens=40), dict(temperature=0.8, seed=7, max_tokens=40)):
         assert ask(url, params) == expected(params)
         assert ask(url, params, stream=True) == expected(params)
-    assert httpx.get(f"{url}/v1/workers").json()["routes"] == {}  # every hop's session was closed
+    seen = httpx.get(f"{url}/v1/workers").json()
+    assert seen["routes"] == {}  # every hop's session was closed
+    # every step went to the first hop from the coordinator, and on from each hop to the next by push
+    assert seen["route_hops"]["pushed"] == 2 * seen["route_hops"]["sent"] and "relayed" not in seen["route_hops"]
+
+
+def test_a_stage_that_takes_no_pushes_gets_its_inputs_relayed(swarm):
+    url, stages, _ = swarm
+    stages += [stage(url, "s0", "0:1"), start_worker(url, "s1", TOKEN, "--layers", "1:3", "--kv-cache-mb", "32",
+                                                     "--no-push"), stage(url, "s2", "3:4")]
+    wait_workers(url, 3, kind="stages")
+    params = dict(temperature=0.0, max_tokens=20)
+    assert ask(url, params) == expected(params)
+    seen = httpx.get(f"{url}/v1/workers").json()
+    assert {w["name"]: w["peer"] is None for w in seen["workers"].values()} == {"s0": False, "s1": True, "s2": False}
+    assert set(seen["route_hops"]) == {"sent"}
 
 
 def test_a_missing_layer_range_is_503_naming_it(swarm):

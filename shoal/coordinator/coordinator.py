@@ -333,7 +333,8 @@ class Coordinator:
                 "workers": {w.id: {"name": w.name, "state": w.state, "credit": w.credit, "engine": w.snapshot,
                                    "layers": {m: info["layers"] for m, info in w.models.items()},
                                    "banned": self.pipeline.banned(w), "rtt_ms": round(w.rtt_ms, 3),
-                                   "step_ms": round(w.step_ms, 3)}
+                                   "step_ms": round(w.step_ms, 3), "peer": w.peer}
                             for w in self.catalog.workers.values()},
+                "route_hops": dict(self.pipeline.hops),
                 "routes": {job: [[s.worker.name, s.start, s.end] for s in run.stages]
                            for job, run in self.pipeline.runs.items()}}

@@ -1,7 +1,9 @@
 """Running a job through a route of stage workers, as the Petals client does, but with working failover.
 
-The coordinator sends each hop its input and passes the output on; the first hop embeds token ids,
-the last samples with the job's seeded generator. Every hop's inputs are kept, so a hop that fails
+The coordinator sends the first hop its input; each hop answers with its output and, where the next
+hop takes pushes, hands it straight on (worker/peers.py), else the coordinator passes it on. The
+first hop embeds token ids, the last samples with the job's seeded generator. Every hop's inputs
+reach the coordinator and are kept, so a hop that fails
 or stalls is replaced by re-planning only its layer range and replaying that history to the
 replacement, which rebuilds its KV (and, on the last hop, its generator) and carries on: the output
 is token for token what an undisturbed run gives. With `verify_rate`, that share of steps is
@@ -14,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import random
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -44,6 +47,7 @@ class Stage:
     end: int
     session: str
     history: list[Message] = field(default_factory=list)
+    secret: str = field(default_factory=lambda: secrets.token_hex(16))  # what a push to this hop must carry
 
 
 @dataclass(eq=False)
@@ -69,6 +73,7 @@ class Pipeline:
         self._ids = itertools.count()
         self._random = random.Random(0)
         self._closing: set[asyncio.Task] = set()
+        self.hops: Counter[str] = Counter()  # hops of route steps by how each got its input: sent, pushed, relayed
 
     # planning ---------------------------------------------------------------------------------
 
@@ -139,27 +144,37 @@ class Pipeline:
                 del self._waiting[key]
                 future.set_exception(HopFailed(worker, "went away"))
 
-    async def _call(self, worker: WorkerConn, msg: Message, key: object) -> Message:
+    def _expect(self, worker: WorkerConn, session: str, key: object) -> asyncio.Future:
+        """A future for the worker's answer to step `key` of a session, sent or pushed."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting[(msg["session"], key)] = (worker, future)
-        began = time.monotonic()
-        await self.send(worker, msg)
+        self._waiting[(session, key)] = (worker, future)
+        return future
+
+    async def _call(self, worker: WorkerConn, msg: Message, key: object, future: asyncio.Future | None = None,
+                    relay: bool = True) -> Message:
+        """Send a step and wait for its answer. With the `future` of a step pushed to the worker, only wait; with
+        `relay` as well (the push may have failed), send it too unless answered already: the worker takes it once."""
+        future = future or self._expect(worker, msg["session"], key)
+        began = time.monotonic() if relay and not future.done() else None
+        if began is not None:
+            await self.send(worker, msg)
         try:
             async with asyncio.timeout(self.step_timeout_s):
                 reply = await future
         except TimeoutError as e:
             self._waiting.pop((msg["session"], key), None)
             raise HopFailed(worker, f"stalled for {self.step_timeout_s} s") from e
-        # The hop's latency: the round trip less the time the worker says it spent on the step.
-        rtt = 1000 * (time.monotonic() - began) - reply.get("busy_ms", 0.0)
-        worker.rtt_ms = 0.9 * worker.rtt_ms + 0.1 * rtt
+        if began is not None:  # the hop's latency: the round trip less the time the worker says it spent
+            rtt = 1000 * (time.monotonic() - began) - reply.get("busy_ms", 0.0)
+            worker.rtt_ms = 0.9 * worker.rtt_ms + 0.1 * rtt
         worker.step_ms = 0.9 * worker.step_ms + 0.1 * reply.get("busy_ms", 0.0)
         return reply
 
     async def _open(self, run: Run, stage: Stage, prompt: object, generated: list[int]) -> list[int]:
         last = stage.end == run.n_layers
         msg = {"type": "stage_open", "session": stage.session, "layers": [stage.start, stage.end],
-               "prompt": prompt, "params": run.job.params if last else None, "generated": generated if last else None}
+               "prompt": prompt, "params": run.job.params if last else None, "generated": generated if last else None,
+               "push_secret": stage.secret}
         return (await self._call(stage.worker, msg, "open"))["prompt_ids"]
 
     def close(self, stage: Stage) -> None:
@@ -215,24 +230,41 @@ class Pipeline:
         return out["finish_reason"]
 
     async def _forward(self, run: Run, position: int, inputs: Message, sample: bool) -> Message:
-        """One step through every hop; a failing hop is replaced (its range re-planned, history replayed)."""
-        x, i = inputs, 0
-        while i < len(run.stages):
-            stage = run.stages[i]
-            stage.history.append({**x, "position": position})
-            is_last = i == len(run.stages) - 1
-            step = {"type": "stage_in", "session": stage.session, "step": position, "position": position,
-                    "sample": sample and is_last, **x}
-            try:
-                out = await self._call(stage.worker, step, position)
-                if self.verify_rate and self._random.random() < self.verify_rate:
-                    await self._verify(run, stage, out, sample and is_last)
-                i += 1
-            except HopFailed as e:
-                out, replaced_by = await self._replace(run, i, e, sample and is_last)
-                i += replaced_by
-            x = {k: out[k] for k in ("dtype", "shape", "data") if k in out}
-        return out
+        """One step through every hop; a failing hop is replaced (its range re-planned, history replayed). The
+        hops after the first get their input pushed by the one before where all of them take pushes, except on
+        a step some hop's output is verified on: that output must not go on before it is checked."""
+        checks = {s for s in run.stages if self.verify_rate and self._random.random() < self.verify_rate}
+        pushes = not checks and len(run.stages) > 1 and all(s.worker.peer for s in run.stages[1:])
+        pushed: dict[Stage, asyncio.Future] = {}
+        x, i, delivered = inputs, 0, False
+        try:
+            while i < len(run.stages):
+                stage = run.stages[i]
+                stage.history.append({**x, "position": position})
+                is_last = i == len(run.stages) - 1
+                step = {"type": "stage_in", "session": stage.session, "step": position, "position": position,
+                        "sample": sample and is_last, **x}
+                if pushes and i == 0:
+                    step["route"] = [{"peer": s.worker.peer, "session": s.session, "secret": s.secret,
+                                      "sample": sample and s is run.stages[-1]} for s in run.stages[1:]]
+                    pushed = {s: self._expect(s.worker, s.session, position) for s in run.stages[1:]}
+                future = pushed.pop(stage, None)
+                self.hops["sent" if future is None else "pushed" if delivered else "relayed"] += 1
+                try:
+                    out = await self._call(stage.worker, step, position, future, not delivered)
+                    if stage in checks:
+                        await self._verify(run, stage, out, sample and is_last)
+                    i += 1
+                except HopFailed as e:
+                    out, replaced_by = await self._replace(run, i, e, sample and is_last)
+                    i += replaced_by
+                delivered = out.get("pushed", False)  # else the coordinator relays the output to the next hop
+                x = {k: out[k] for k in ("dtype", "shape", "data") if k in out}
+            return out
+        finally:
+            for s, future in pushed.items():  # a step cut short: nobody waits for these answers now
+                if self._waiting.get((s.session, position), (None, None))[1] is future:
+                    del self._waiting[(s.session, position)]
 
     async def _replace(self, run: Run, i: int, failure: HopFailed, sample: bool) -> tuple[Message, int]:
         """Re-plan the failed hop's range without its worker and replay its history; returns the current step's

@@ -26,13 +26,16 @@ class WorkerConn:
     rtt_ms: float = 1.0  # round trip of a route step that computes nothing (stage_open), averaged
     step_ms: float = 0.0  # what the worker says a route step took it, averaged
     speed: float = 10.0  # one sequence's decode tokens/s as the worker measured it (a guess for a polling one)
+    peer: str | None = None  # host:port where a stage takes pushes from the previous hop of a route
 
 
     @classmethod
     def from_hello(cls, worker_id: str, channel: Transport, hello: Message, owner_id: int | None) -> "WorkerConn":
         models = {m["name"]: m for m in hello["models"]}
+        peer = hello.get("peer")
         return cls(worker_id, hello["name"], channel, models, hello["slots"], owner_id=owner_id,
-                   speed=max(0.1, float(hello.get("tokens_per_s") or 10.0)))
+                   speed=max(0.1, float(hello.get("tokens_per_s") or 10.0)),
+                   peer=peer if isinstance(peer, str) else None)
 
 
 class Catalog:

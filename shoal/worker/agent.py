@@ -10,6 +10,7 @@ from shoal.engine.process import EngineProcess
 from shoal.engine.sampler import logprob_entries
 from shoal.engine.stage import StageEngine
 from shoal.worker.channel import ChannelClosed, Message, Transport
+from shoal.worker.peers import PeerServer
 from shoal.worker.stages import StageServer
 
 log = logging.getLogger("shoal.worker")
@@ -33,14 +34,17 @@ class WorkerAgent:
     Each job may have at most `window` token messages the coordinator has not acknowledged; a job
     whose reader is slow therefore stops pulling from its engine stream, and the engine pauses
     that request alone. A worker holding a layer range runs a StageEngine instead and serves route
-    steps (stage_open, stage_in, stage_close); it takes no whole jobs.
+    steps (stage_open, stage_in, stage_close); it takes no whole jobs. Given `peer` (host, port), it
+    also listens there for steps the previous hop of a route pushes to it, and says where in its hello.
     """
 
     def __init__(self, engine: Engine | EngineProcess | StageEngine, model_name: str, channel: Transport,
-                 name: str = "local", window: int = 32, heartbeat_s: float = 2.0, fingerprint: str | None = None):
+                 name: str = "local", window: int = 32, heartbeat_s: float = 2.0, fingerprint: str | None = None,
+                 peer: tuple[str, int] | None = None):
         self.engine, self.model_name, self.channel, self.name = engine, model_name, channel, name
         self.window, self.heartbeat_s, self.fingerprint = window, heartbeat_s, fingerprint
         self.stages = StageServer(engine, self._send) if isinstance(engine, StageEngine) else None
+        self.peer, self.peer_address = peer, None
         self._windows: dict[str, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task] = set()
         self.speed: float | None = None
@@ -50,7 +54,7 @@ class WorkerAgent:
         if self.stages is not None:
             info["ms_per_layer"] = self.speed
         return {"type": "hello", "name": self.name, "version": __version__, "slots": self.engine.config.n_seq_max,
-                "tokens_per_s": None if self.stages else self.speed, "models": [info]}
+                "tokens_per_s": None if self.stages else self.speed, "models": [info], "peer": self.peer_address}
 
     async def measure(self, tokens: int = 16) -> float:
         """One sequence's decode speed in tokens/s, from a short greedy run, for the coordinator's estimates."""
@@ -63,6 +67,13 @@ class WorkerAgent:
 
     async def run(self) -> None:
         self.speed = self.speed or await (self.stages.measure() if self.stages else self.measure())
+        listener = PeerServer(self.stages.accept_push) if self.stages is not None and self.peer else None
+        if listener is not None:
+            try:
+                self.peer_address = await listener.start(*self.peer)
+            except OSError as e:
+                log.warning("cannot listen for pushes; the coordinator relays every hop", extra={"error": str(e)})
+                listener = None
         await self.channel.send(self.hello())
         await self.channel.send({"type": "credit", "n": 0 if self.stages else self.engine.config.n_seq_max})
         beat = asyncio.create_task(self._heartbeat())
@@ -75,8 +86,11 @@ class WorkerAgent:
             beat.cancel()
             for task in self._tasks:
                 task.cancel()
+            if listener is not None:
+                listener.close()
             if self.stages is not None:
                 self.stages.cancel()
+                await self.stages.peers.close()
 
     async def drain(self) -> None:
         """Take no new jobs, let the ones in flight finish, then close the connection."""

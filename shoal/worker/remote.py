@@ -40,8 +40,11 @@ def ws_url(coordinator: str) -> str:
 
 
 async def run_worker(coordinator: str, token: str, engine: EngineProcess | StageEngine, model_name: str, name: str,
-                     fingerprint: str | None = None, max_backoff: float = 30.0) -> None:
-    """Serve until SIGTERM or SIGINT, which drains: in-flight jobs finish, no new ones are taken."""
+                     fingerprint: str | None = None, max_backoff: float = 30.0, peer_host: str | None = None,
+                     peer_port: int | None = 0) -> None:
+    """Serve until SIGTERM or SIGINT, which drains: in-flight jobs finish, no new ones are taken. A stage listens
+    for pushes from other stages on peer_host:peer_port (None: it does not; host default: the address it reaches
+    the coordinator from; port 0: any free one)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,7 +55,8 @@ async def run_worker(coordinator: str, token: str, engine: EngineProcess | Stage
             async with websockets.connect(ws_url(coordinator), additional_headers={"Authorization": f"Bearer {token}"},
                                           max_size=None, compression=None) as ws:
                 backoff = 0.5
-                agent = WorkerAgent(engine, model_name, ClientTransport(ws), name, fingerprint=fingerprint)
+                peer = None if peer_port is None else (peer_host or ws.local_address[0], peer_port)
+                agent = WorkerAgent(engine, model_name, ClientTransport(ws), name, fingerprint=fingerprint, peer=peer)
                 agent.speed = speed  # measured on the first connection only
                 log.info("connected", extra={"coordinator": coordinator, "worker": name})
                 serving = asyncio.create_task(agent.run())

@@ -1,10 +1,13 @@
 """A worker's side of route steps: stage_open, stage_in and stage_close served on its StageEngine.
 
 Hidden states and token ids travel as binary frames: the message names dtype and shape, `data`
-holds the raw bytes.
+holds the raw bytes. A step that carries the rest of its route is pushed on to the next hop
+(worker/peers.py) as well as answered to the coordinator; a step that arrives twice (pushed, then
+relayed by the coordinator after a push it thought had failed) is taken once.
 """
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +19,7 @@ from shoal.engine.sampler import logprob_entries
 from shoal.engine.stage import StageEngine
 from shoal.model.weights import DTYPES as MODEL_DTYPES
 from shoal.worker.channel import Message
+from shoal.worker.peers import Peers
 
 log = logging.getLogger("shoal.worker")
 DTYPES = {**MODEL_DTYPES, "int32": torch.int32}  # what hidden states and token ids travel as
@@ -44,7 +48,10 @@ class StageServer:
 
     def __init__(self, engine: StageEngine, send: Callable[[Message], Awaitable[None]]):
         self.engine, self.send = engine, send
+        self.peers = Peers()
         self._tasks: set[asyncio.Task] = set()
+        self._secrets: dict[str, str] = {}  # session -> what a push for it must carry
+        self._next: dict[str, int] = {}  # session -> the first position not yet taken
 
     def model_info(self, name: str, fingerprint: str) -> dict:
         model = self.engine.model
@@ -65,7 +72,17 @@ class StageServer:
         self.engine.end(sid)
         return round(1000 * (time.perf_counter() - began) / steps / model.num_layers, 3)
 
+    def accept_push(self, msg: Message) -> None:
+        """A step pushed by the previous hop: taken only with the session's secret."""
+        secret = self._secrets.get(msg.get("session"))
+        if msg.get("type") != "stage_in" or secret is None or not hmac.compare_digest(secret, str(msg.get("secret"))):
+            log.warning("dropping a push without this session's secret", extra={"session": msg.get("session")})
+            return
+        self.handle(msg)
+
     def handle(self, msg: Message) -> None:
+        if msg["type"] == "stage_in" and not self._take(msg):
+            return
         task = asyncio.create_task(self._serve(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -74,12 +91,32 @@ class StageServer:
         for task in self._tasks:
             task.cancel()
 
+    def _take(self, msg: Message) -> bool:
+        """Whether a step is new: one at an earlier position than the session has taken is a second copy."""
+        try:
+            session, position, rows = msg.get("session"), int(msg["position"]), int(msg["shape"][0])
+        except (KeyError, IndexError, TypeError, ValueError):
+            return True  # malformed: its step answers with what is wrong
+        if position < self._next.get(session, 0):
+            return False
+        self._next[session] = position + rows
+        return True
+
+    async def _push(self, msg: Message, hidden: dict) -> bool:
+        """Send this step's output on to the next hop of its route, with the rest of the route."""
+        hop, *rest = msg["route"]
+        return await self.peers.push(hop["peer"], {
+            "type": "stage_in", "session": hop["session"], "step": msg["step"], "position": msg["position"],
+            "sample": hop["sample"], "secret": hop["secret"], "route": rest, **hidden})
+
     async def _serve(self, msg: Message) -> None:
         kind, session = msg["type"], msg.get("session")
         try:
             if kind == "stage_open":
                 params = SamplingParams.from_wire(msg["params"]) if msg.get("params") is not None else None
                 ids = self.engine.open(session, tuple(msg["layers"]), msg["prompt"], params, msg.get("generated"))
+                if msg.get("push_secret"):
+                    self._secrets[session] = msg["push_secret"]
                 await self.send({"type": "stage_ready", "session": session, "prompt_ids": ids})
             elif kind == "stage_in":
                 began = time.perf_counter()
@@ -91,9 +128,13 @@ class StageServer:
                     out["logprobs"] = logprob_entries(self.engine.tokenizer, [out["logprobs"]] if out["logprobs"]
                                                       else None)
                 body = pack(hidden) if hidden is not None else out
+                if hidden is not None and msg.get("route"):
+                    body["pushed"] = await self._push(msg, body)
                 await self.send({"type": "stage_out", "session": session, "step": msg["step"],
                                  "busy_ms": 1000 * (time.perf_counter() - began), **body})
             elif kind == "stage_close":
                 self.engine.end(session)
+                self._secrets.pop(session, None)
+                self._next.pop(session, None)
         except (EngineError, ValueError, TypeError, KeyError) as e:
             await self.send({"type": "stage_error", "session": session, "step": msg.get("step"), "error": str(e)})
