@@ -16,6 +16,7 @@ from shoal.model import DEMO_PATH
 
 QUESTIONS = ["What is 12 + 30?", "What is the capital of France?", "Spell cat.", "Say hello."]
 CORRUPT = Path(__file__).with_name("corrupt_worker.py")
+UNREACHABLE = Path(__file__).with_name("unreachable_worker.py")
 
 
 @pytest.fixture
@@ -118,6 +119,25 @@ def test_killing_the_middle_stage_mid_decode_gives_identical_output(swarm):
     next(p for p in stages if p.args[p.args.index("--name") + 1] == middle).send_signal(signal.SIGKILL)
     text += [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(text) == expected({**params, "max_tokens": 300})[0]
+
+
+def test_a_stage_that_pushes_cannot_reach_gets_its_inputs_relayed_from_then_on(swarm):
+    url, stages, _ = swarm
+    log = Path(stage(url, "s0", "0:1").log_path)
+    stages.append(subprocess.Popen([sys.executable, str(UNREACHABLE), "worker", "--coordinator", url, "--token", TOKEN,
+                                    "--name", "s1", "--layers", "1:3", "--kv-cache-mb", "32"],
+                                   stdout=log.with_suffix(".s1").open("w"), stderr=subprocess.STDOUT))
+    stages += [stage(url, "s2", "3:4")]
+    wait_workers(url, 3, kind="stages")
+    params = dict(temperature=0.0, max_tokens=20)
+    assert ask(url, params) == expected(params)
+    first = httpx.get(f"{url}/v1/workers").json()["route_hops"]
+    assert first["relayed"] >= 1  # the pushes to s1 failed and the coordinator relayed those steps
+    assert ask(url, params) == expected(params)
+    hops = httpx.get(f"{url}/v1/workers").json()["route_hops"]
+    # since then, routes through s1 are relayed hop by hop: no push is tried, none has to be relayed
+    assert (hops["relayed"], hops.get("pushed")) == (first["relayed"], first.get("pushed"))
+    assert hops["sent"] > first["sent"]
 
 
 def test_a_worker_that_corrupts_its_activations_is_caught_by_verification():

@@ -112,15 +112,17 @@ def test_a_push_nobody_takes_is_reported_so_the_coordinator_relays():
     run(test)
 
 
-def test_peers_report_a_failed_push_and_connect_again_later():
+def test_peers_report_a_failed_push_and_try_again_after_a_backoff():
     async def main() -> None:
         got: list[Message] = []
         port = free_port()
-        peers = Peers()
+        peers = Peers(backoff_s=0.3)
         assert not await peers.push(f"127.0.0.1:{port}", {"type": "stage_in", "data": b"x"})
         listener = PeerServer(got.append)
         await listener.start("127.0.0.1", port)
         try:
+            assert not await peers.push(f"127.0.0.1:{port}", {"type": "stage_in", "data": b"x"})  # not tried yet
+            await asyncio.sleep(0.35)
             assert await peers.push(f"127.0.0.1:{port}", {"type": "stage_in", "session": "s", "data": b"xy"})
             for _ in range(100):
                 if got:

@@ -30,6 +30,7 @@ from shoal.worker.channel import Message
 
 log = logging.getLogger("shoal.coordinator")
 CHUNK = 256  # prefill tokens per step
+PUSH_BACKOFF_S = 300.0  # how long routes relay to a worker that a push failed to reach
 
 
 class HopFailed(Exception):
@@ -73,6 +74,7 @@ class Pipeline:
         self._ids = itertools.count()
         self._random = random.Random(0)
         self._closing: set[asyncio.Task] = set()
+        self.unpushable: dict[str, float] = {}  # worker name -> until when no route pushes to it (a push failed)
         self.hops: Counter[str] = Counter()  # hops of route steps by how each got its input: sent, pushed, relayed
 
     # planning ---------------------------------------------------------------------------------
@@ -85,6 +87,10 @@ class Pipeline:
             if info and info.get("ms_per_layer") is not None and w.state == "ONLINE" and not self.banned(w):
                 groups.setdefault(info.get("fingerprint") or "", []).append(w)
         return groups
+
+    def pushable(self, worker: WorkerConn) -> bool:
+        """Whether a route may push to this worker: it takes pushes, and none to it failed lately."""
+        return worker.peer is not None and self.unpushable.get(worker.name, 0.0) <= time.monotonic()
 
     def banned(self, worker: WorkerConn) -> bool:
         return self.bans.get(worker.name, (0.0, 0))[0] > time.monotonic()
@@ -234,7 +240,7 @@ class Pipeline:
         hops after the first get their input pushed by the one before where all of them take pushes, except on
         a step some hop's output is verified on: that output must not go on before it is checked."""
         checks = {s for s in run.stages if self.verify_rate and self._random.random() < self.verify_rate}
-        pushes = not checks and len(run.stages) > 1 and all(s.worker.peer for s in run.stages[1:])
+        pushes = not checks and len(run.stages) > 1 and all(self.pushable(s.worker) for s in run.stages[1:])
         pushed: dict[Stage, asyncio.Future] = {}
         x, i, delivered = inputs, 0, False
         try:
@@ -245,10 +251,11 @@ class Pipeline:
                 step = {"type": "stage_in", "session": stage.session, "step": position, "position": position,
                         "sample": sample and is_last, **x}
                 if pushes and i == 0:
-                    step["route"] = [{"peer": s.worker.peer, "session": s.session, "secret": s.secret,
-                                      "sample": sample and s is run.stages[-1]} for s in run.stages[1:]]
                     pushed = {s: self._expect(s.worker, s.session, position) for s in run.stages[1:]}
                 future = pushed.pop(stage, None)
+                if pushes and not delivered and not is_last:  # sent or relayed: the hops after it still push
+                    step["route"] = [{"peer": s.worker.peer, "session": s.session, "secret": s.secret,
+                                      "sample": sample and s is run.stages[-1]} for s in run.stages[i + 1:]]
                 self.hops["sent" if future is None else "pushed" if delivered else "relayed"] += 1
                 try:
                     out = await self._call(stage.worker, step, position, future, not delivered)
@@ -259,6 +266,10 @@ class Pipeline:
                     out, replaced_by = await self._replace(run, i, e, sample and is_last)
                     i += replaced_by
                 delivered = out.get("pushed", False)  # else the coordinator relays the output to the next hop
+                if out.get("pushed") is False and i < len(run.stages):
+                    self.unpushable[run.stages[i].worker.name] = time.monotonic() + PUSH_BACKOFF_S
+                    log.warning("a push failed; routes relay to the worker", extra={
+                        "worker": run.stages[i].worker.name, "for_s": PUSH_BACKOFF_S})
                 x = {k: out[k] for k in ("dtype", "shape", "data") if k in out}
             return out
         finally:

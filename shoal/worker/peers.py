@@ -9,6 +9,7 @@ a push that cannot be delivered falls back to the coordinator's relay.
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import websockets
@@ -44,14 +45,18 @@ class PeerServer:
 
 
 class Peers:
-    """Connections to other stages, opened on first use and kept."""
+    """Connections to other stages, opened on first use and kept. After a failure an address is not tried
+    again for `backoff_s`, so a stage that cannot be reached costs one connect timeout, not one a step."""
 
-    def __init__(self, connect_timeout_s: float = 2.0):
-        self.connect_timeout_s = connect_timeout_s
+    def __init__(self, connect_timeout_s: float = 2.0, backoff_s: float = 30.0):
+        self.connect_timeout_s, self.backoff_s = connect_timeout_s, backoff_s
         self._conns: dict[str, asyncio.Future[websockets.ClientConnection]] = {}
+        self._failed: dict[str, float] = {}  # address -> when to try it again
 
     async def push(self, address: str, msg: Message) -> bool:
         """Send `msg` to the stage at host:port; False (and the connection dropped) if that failed."""
+        if self._failed.get(address, 0.0) > time.monotonic():
+            return False
         if address not in self._conns:
             self._conns[address] = asyncio.ensure_future(asyncio.wait_for(websockets.connect(
                 f"ws://{address}", max_size=None, compression=None), self.connect_timeout_s))
@@ -61,6 +66,7 @@ class Peers:
             return True
         except (OSError, TimeoutError, websockets.WebSocketException) as e:
             self._conns.pop(address, None)
+            self._failed[address] = time.monotonic() + self.backoff_s
             log.warning("push failed; the coordinator relays", extra={"peer": address, "error": str(e)})
             return False
 
