@@ -11,7 +11,9 @@ so that the machine's drift between one configuration and the next does not coun
 Models: the demo model (4 layers) and a random 12-layer llama (hidden 512) that
 speaks the demo tokenizer. Prints one JSON object; progress goes to stderr.
 Every worker runs with --threads 1 (the processes share 2 cores; idle math threads would spin on them).
-Usage: python bench/pipeline.py [--quick]   (--quick: demo model only, fewer tokens; about a minute)
+With --relay, the paired measurement also serves a third route, the 3-stage one with every stage started
+--no-push (the coordinator relays each hop's output), alternated with the other two: hop_overhead_ms_relayed.
+Usage: python bench/pipeline.py [--quick] [--relay]   (--quick: demo model only, fewer tokens; about a minute)
 """
 
 import argparse
@@ -144,31 +146,41 @@ def paired_hops(url: str, args: argparse.Namespace) -> dict:
     conditions, so the machine's drift between configurations does not count."""
     extra = ["--model", str(DEMO_PATH), "--kv-cache-mb", "64", "--threads", "1"]
     splits = {"demo-route1": DEMO_SPLITS["1_stage"], "demo-route3": DEMO_SPLITS["3_stages"]}
-    workers = [start_worker(url, f"{name}-{i}", TOKEN, *extra, "--model-name", name, "--layers", layers)
+    if args.relay:
+        splits["demo-route3-relay"] = DEMO_SPLITS["3_stages"]
+    workers = [start_worker(url, f"{name}-{i}", TOKEN, *extra, "--model-name", name, "--layers", layers,
+                            *(["--no-push"] if name.endswith("relay") else []))
                for name, split in splits.items() for i, layers in enumerate(split)]
     try:
         wait_workers(url, len(workers), timeout=180, kind="stages")
 
-        async def rounds() -> list[float]:
+        async def rounds() -> dict[str, list[float]]:
             async with httpx.AsyncClient(base_url=url, timeout=600) as http:
                 for name in splits:
                     await streamed(http, name, 8)
-                hops = []
+                hops: dict[str, list[float]] = {name: [] for name in splits if name != "demo-route1"}
                 for _ in range(args.pairs):
                     one = statistics.median((await streamed(http, "demo-route1", args.tokens))["gaps"])
-                    three = statistics.median((await streamed(http, "demo-route3", args.tokens))["gaps"])
-                    hops.append(1000 * (three - one) / 2)
+                    for name, each in hops.items():
+                        three = statistics.median((await streamed(http, name, args.tokens))["gaps"])
+                        each.append(1000 * (three - one) / 2)
                 return hops
 
-        hops = asyncio.run(rounds())
+        measured = asyncio.run(rounds())
+        hops = measured["demo-route3"]
     finally:
         for w in workers:
             w.kill()
             w.wait()
             w.log_path.unlink(missing_ok=True)
     wait_workers(url, 0, timeout=60, kind="stages")
-    return {"pairs": len(hops), "hop_ms_each_pair": [round(h, 3) for h in hops],
-            "hop_overhead_ms": round(statistics.median(hops), 3)}
+    out = {"pairs": len(hops), "hop_ms_each_pair": [round(h, 3) for h in hops],
+           "hop_overhead_ms": round(statistics.median(hops), 3)}
+    if args.relay:
+        relayed = measured["demo-route3-relay"]
+        out |= {"hop_ms_each_pair_relayed": [round(h, 3) for h in relayed],
+                "hop_overhead_ms_relayed": round(statistics.median(relayed), 3)}
+    return out
 
 
 def measure(url: str, model: str, path: Path, splits: dict, args: argparse.Namespace) -> dict:
@@ -183,6 +195,8 @@ def measure(url: str, model: str, path: Path, splits: dict, args: argparse.Names
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="demo model only, fewer tokens and repeats")
+    parser.add_argument("--relay", action="store_true", help="also measure the hop with the coordinator relaying "
+                        "every hop's output (stages started --no-push), alternated with the pushed route")
     args = parser.parse_args()
     args.tokens, args.reps, args.pairs = (24, 2, 5) if args.quick else (64, 3, 15)
     started = time.perf_counter()
