@@ -16,6 +16,8 @@ from shoal.model.matmul import (
     column_major,
     flipped,
     openblas,
+    pack,
+    packed_product,
     plain,
     product,
     set_threads,
@@ -41,6 +43,9 @@ def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
         got = product(x, w, b, ways)
         assert got.shape == expected.shape and got.is_contiguous()
         torch.testing.assert_close(got, expected)
+    got = packed_product(x, pack(weight), b)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected)
 
 
 def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
@@ -48,9 +53,34 @@ def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
     model = load_model(path, device="cpu")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(len(m.ways) in (0, len(ROW_BUCKETS)) for m in linears)
-    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.lm_head.weight is model.embed_tokens.weight and not model.lm_head.packs  # tied: never packed
     for m in linears:
-        assert m.weight.is_contiguous() or m.weight.stride() == (1, m.weight.shape[0])
+        assert m.packs == m.weight.is_mkldnn
+        assert m.weight.is_mkldnn or m.weight.is_contiguous() or m.weight.stride() == (1, m.weight.shape[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_weights_give_the_logits_of_plain_ones(hf_models, dtype):
+    _, path = hf_models("qwen2")
+    model = load_model(path, device="cpu", dtype=dtype)
+    seqs = prompts(model.config.vocab_size, [9, 1, 4])
+    bt = tables([9, 1, 4])
+
+    def logits() -> torch.Tensor:
+        return forward_batch(model, seqs, model.new_cache(sum(map(len, bt))), bt)
+
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head]
+    for m in linears:
+        m.weight, m.ways = torch.nn.Parameter(dense(m.weight), requires_grad=False), ()
+    plain_logits = logits()
+    for m in linears:
+        m.weight = torch.nn.Parameter(pack(m.weight), requires_grad=False)
+    tolerance = 1e-4 if dtype == "float32" else 0.1
+    torch.testing.assert_close(logits(), plain_logits, atol=tolerance, rtol=0)
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    return (weight.to_dense() if weight.is_mkldnn else weight).contiguous()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -69,8 +99,10 @@ def test_forced_layouts_and_ways_give_the_tuned_logits(hf_models, arch):
     for columns in (False, True):
         for way in (plain, flipped, openblas):
             for m in linears:
-                weight = m.weight.data.contiguous()
-                m.weight.data = column_major(weight) if columns else weight
+                weight = dense(m.weight)
+                if m.weight.is_mkldnn:  # a packed weight cannot take dense data: it is replaced
+                    m.weight = torch.nn.Parameter(weight, requires_grad=False)
+                m.weight.data = column_major(weight) if columns else weight  # .data: a tied head stays tied
                 m.ways = (way,) * len(ROW_BUCKETS)
             torch.testing.assert_close(logits(), tuned, atol=1e-5, rtol=0)
 

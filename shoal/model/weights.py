@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from shoal.model.config import ModelConfig
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
-from shoal.model.matmul import tune
+from shoal.model.matmul import pack_loaded, tune
 from shoal.model.transformer import Transformer
 
 log = logging.getLogger("shoal.model")
@@ -45,6 +45,7 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
         for name, param in model.named_parameters():
             specs = sources(model, name, param.shape)
             _copy(param, [_read(stack, handles, files, path, hf) for hf, _ in specs], specs)
+    pack_loaded(model)
     return model.eval()
 
 
