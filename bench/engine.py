@@ -5,7 +5,8 @@
   flight at once on both sides (the engine's n_seq_max and transformers' batch are the request count);
   --batch sets a smaller size for both.
 - flops_fraction: FLOP/s the engine achieved in that run over a plain matmul's FLOP/s (its best of 5 rounds; on a
-  CPU in float32, the better of torch's and numpy's BLAS, since the engine multiplies with both).
+  CPU the best of torch's, oneDNN's with a packed weight and, in float32, numpy's BLAS, since the engine may
+  multiply with each).
 - ttft_speedup_prefix: time to first token of a request whose 1,024-token prefix is cached, vs cold.
 - bandwidth_fraction: batch-1 decode tokens/s (best of 3 sequences) over the bound weight bytes / memory
   bandwidth, the bandwidth measured as a large tensor copy (bytes read + written per second, best of 5 rounds).
@@ -34,6 +35,7 @@ from model import random_qwen
 
 from shoal.engine import Engine, EngineConfig, SamplingParams
 from shoal.model import DEMO_PATH, Transformer, load_model
+from shoal.model.matmul import pack, packable, packed_product
 from shoal.model.tokenizer import Tokenizer
 
 FULL = dict(requests=64, lengths=(32, 512), new_tokens=128)
@@ -103,10 +105,13 @@ def best_seconds(work: Callable[[], object], device: torch.device, repeats: int,
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
-    """The faster plain matmul of the BLAS libraries the engine multiplies with (torch's; numpy's for float32 on
-    a CPU): the engine may use either, so the fraction is taken of the better."""
+    """The fastest plain matmul of the libraries the engine multiplies with (torch's; on a CPU also oneDNN's with
+    a packed weight, and numpy's for float32): the engine may use any, so the fraction is taken of the best."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = best_seconds(lambda: a @ b, device, repeats=10)
+    if device.type == "cpu" and packable():
+        packed = pack(b.T)
+        seconds = min(seconds, best_seconds(lambda: packed_product(a, packed), device, repeats=10))
     if device.type == "cpu" and dtype == torch.float32:
         an, bn = a.numpy(), b.numpy()
         seconds = min(seconds, best_seconds(lambda: an @ bn, device, repeats=10))
