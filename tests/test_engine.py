@@ -308,3 +308,28 @@ def test_a_stage_takes_hidden_states_from_a_stage_in_another_dtype():
     finally:
         first.close()
         rest.close()
+
+
+def test_an_engine_on_packed_weights_matches_plain_ones_and_keys_its_cache_alike(tiny_model_dir):
+    from shoal.engine.engine import fingerprint
+    from shoal.model import load_model
+    from shoal.model.matmul import Linear, pack_loaded
+    from shoal.model.tokenizer import Tokenizer
+
+    path = tiny_model_dir("llama")
+    plain, packed = load_model(path), load_model(path)
+    tied = packed.lm_head.weight is packed.embed_tokens.weight
+    for m in packed.modules():
+        m.packs = isinstance(m, Linear) and not (tied and m is packed.lm_head)  # as `tune` chooses where it pays
+    pack_loaded(packed)
+    assert packed.layers[0].mlp.down_proj.weight.is_mkldnn
+    assert fingerprint(packed) == fingerprint(plain)
+    engines = [Engine(model, Tokenizer.from_dir(path)) for model in (plain, packed)]
+    try:
+        prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(4)]
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        got = [[ids for _, ids, _ in run(together(engine, prompts, params))] for engine in engines]
+        assert got[0] == got[1]
+    finally:
+        for engine in engines:
+            engine.close()

@@ -57,6 +57,7 @@ def fingerprint(model: Transformer) -> bytes:
     h = hashlib.blake2b(json.dumps(vars(model.config), sort_keys=True, default=str).encode(), digest_size=16)
     h.update(f"{model.start}:{model.end}:{model.dtype}".encode())
     for name, p in model.state_dict().items():
+        p = p.to_dense() if p.is_mkldnn else p  # a weight packed for oneDNN (model/matmul.py) keys as it loaded
         h.update(name.encode() + p.flatten()[:256].float().cpu().numpy().tobytes())
     return h.digest()
 
