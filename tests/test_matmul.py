@@ -129,3 +129,16 @@ def test_importing_shoal_makes_torchs_threads_wait_passively_unless_told(given, 
     out = subprocess.run([sys.executable, "-c", "import os, shoal; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(("single", "batched", "pays"), [
+    (0.5, 1.0, True), (1.0, 0.5, True), (0.5, 0.5, True),  # clearly faster for one, not slower for the other
+    (1.0, 1.0, False), (0.95, 1.05, False),  # within noise of the best ways
+    (2.0, 0.5, False), (0.5, 2.0, False),  # a gain for batches does not buy a loss for one row, nor the reverse
+])
+def test_packing_is_chosen_only_where_it_pays(monkeypatch, single, batched, pays):
+    import shoal.model.matmul as matmul
+
+    larger = len(ROW_BUCKETS) - 1
+    monkeypatch.setattr(matmul, "_time", lambda weights, x, way: single if len(x) == 1 else batched / larger)
+    assert matmul._packing_pays([torch.ones(8, 4)], [1.0] + [1.0 / larger] * larger) is pays

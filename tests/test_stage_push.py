@@ -80,8 +80,9 @@ def test_a_push_without_the_sessions_secret_is_dropped():
         first.server.handle(step("a", 0, ints(PROMPT)))
         reply = await first.reply()
         hidden = {k: reply[k] for k in ("dtype", "shape", "data")}
-        for secret in ("wrong", None):
+        for secret in ("wrong", None, "sécret"):
             last.server.accept_push(step("b", 0, hidden, sample=True, secret=secret))
+        last.server.accept_push(step(["b"], 0, hidden, sample=True, secret="s3cret"))  # not a session id at all
         with pytest.raises(TimeoutError):
             await last.reply(timeout=0.5)
         last.server.accept_push(step("b", 0, hidden, sample=True, secret="s3cret"))

@@ -155,18 +155,17 @@ def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> 
     best = [(min((col_times if columns else row_times).values()), col_way if columns else row_way)]
     best += [(min(times.values()), way) for times, way in (_fastest(weights, n) for n in ROW_BUCKETS[1:])]
     ways = tuple(way for _, way in best)
-    if not packs:
-        return layout, ways
-    packed = [pack(w) for w in rows_major]
-    single = min(_time(packed, _rows(1, inp, dtype), packed_product) for _ in range(3)), best[0][0]
-    batched = (sum(min(_time(packed, _rows(n, inp, dtype), packed_product) for _ in range(3)) for n in ROW_BUCKETS[1:]),
-               sum(t for t, _ in best[1:]))
-    faster = any(p < CLEARLY * b for p, b in (single, batched))
-    return ("packed" if faster and all(CLEARLY * p <= b for p, b in (single, batched)) else layout), ways
+    return ("packed" if packs and _packing_pays(rows_major, [t for t, _ in best]) else layout), ways
 
 
-def _rows(n: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(n, width, dtype=dtype)
+def _packing_pays(weights: list[torch.Tensor], best: list[float]) -> bool:
+    """Whether the packed product beats the `best` times (per row bucket) clearly for a single row or summed over
+    the larger buckets, and is not clearly slower for either."""
+    packed = [pack(w) for w in weights]
+    times = [min(_time(packed, torch.randn(n, weights[0].shape[1], dtype=weights[0].dtype), packed_product)
+                 for _ in range(3)) for n in ROW_BUCKETS]
+    pairs = ((times[0], best[0]), (sum(times[1:]), sum(best[1:])))
+    return any(p < CLEARLY * b for p, b in pairs) and all(CLEARLY * p <= b for p, b in pairs)
 
 
 def tune(model: nn.Module) -> dict[tuple[int, int], str]:

@@ -74,8 +74,10 @@ class StageServer:
 
     def accept_push(self, msg: Message) -> None:
         """A step pushed by the previous hop: taken only with the session's secret."""
-        secret = self._secrets.get(msg.get("session"))
-        if msg.get("type") != "stage_in" or secret is None or not hmac.compare_digest(secret, str(msg.get("secret"))):
+        session = msg.get("session")
+        secret = self._secrets.get(session) if isinstance(session, str) else None
+        if msg.get("type") != "stage_in" or secret is None or not hmac.compare_digest(
+                secret.encode(), str(msg.get("secret")).encode()):
             log.warning("dropping a push without this session's secret", extra={"session": msg.get("session")})
             return
         self.handle(msg)
@@ -94,7 +96,8 @@ class StageServer:
     def _take(self, msg: Message) -> bool:
         """Whether a step is new: one at an earlier position than the session has taken is a second copy."""
         try:
-            session, position, rows = msg.get("session"), int(msg["position"]), int(msg["shape"][0])
+            session, position, rows = msg["session"], int(msg["position"]), int(msg["shape"][0])
+            hash(session)
         except (KeyError, IndexError, TypeError, ValueError):
             return True  # malformed: its step answers with what is wrong
         if position < self._next.get(session, 0):
