@@ -72,6 +72,6 @@ class Peers:
 
     async def close(self) -> None:
         for conn in self._conns.values():
-            if conn.done() and not conn.exception():
+            if conn.done() and not conn.cancelled() and not conn.exception():
                 await conn.result().close()
         self._conns.clear()
