@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BLOCK_SIZE = 16
@@ -57,7 +58,7 @@ class DecodeGroup:
 
     rows: torch.Tensor
     slots: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -73,53 +74,54 @@ class AttentionBatch:
     slot_mapping: torch.Tensor
     seqs: list[SequenceView]
     decode: DecodeGroup | None
+    span: int  # the longest context: every position is below it
 
     @classmethod
     def build(cls, block_tables: list[list[int]], starts: list[int], query_lens: list[int],
               block_size: int = BLOCK_SIZE, sliding_window: int | None = None,
               device: torch.device | str = "cpu") -> "AttentionBatch":
-        # Every sequence's context slots in one [n, width] tensor, so the work per tick is a few tensor ops
-        # whatever the batch size; rows past a sequence's context hold slots it never attends to.
-        ctxs = [start + qlen for start, qlen in zip(starts, query_lens, strict=True)]
-        for table, ctx in zip(block_tables, ctxs, strict=True):
+        # Every sequence's context slots in one [n, width] array, so the work per tick is a few array ops whatever
+        # the batch size; rows past a sequence's context hold slots it never attends to. numpy, not torch: these
+        # are small index arrays, and a numpy op costs a fraction of a torch op's dispatch (it runs every step of
+        # every stage, on the decode path).
+        ctxs = np.add(starts, query_lens)
+        for table, ctx in zip(block_tables, ctxs.tolist(), strict=True):
             if len(table) * block_size < ctx:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
-        width, blocks = max(ctxs), max(len(t) for t in block_tables)
-        table = torch.tensor([t + [0] * (blocks - len(t)) for t in block_tables], dtype=torch.long)
-        k = torch.arange(width)
-        all_slots = table[:, k // block_size] * block_size + k % block_size
-        if max(query_lens) == 1:  # decode only: a token a sequence, at its start
-            seq = first = torch.arange(len(ctxs))
-            positions = torch.tensor(starts)
-        else:
-            lens = torch.tensor(query_lens)
-            seq = torch.repeat_interleave(torch.arange(len(ctxs)), lens)
-            first = torch.cumsum(lens, 0) - lens
-            positions = torch.tensor(starts)[seq] + torch.arange(len(seq)) - first[seq]
-        seqs, decode = [], []
-        for i, (start, qlen) in enumerate(zip(starts, query_lens, strict=True)):
-            if qlen == 1:
-                decode.append(i)
-                continue
+        width, blocks = int(ctxs.max()), max(len(t) for t in block_tables)
+        table = np.array([t + [0] * (blocks - len(t)) for t in block_tables], dtype=np.int64)
+        all_slots = (table[:, :, None] * block_size + np.arange(block_size)).reshape(len(ctxs), -1)[:, :width]
+        lens = np.asarray(query_lens)
+        first = np.cumsum(lens) - lens
+        seq = np.repeat(np.arange(len(ctxs)), lens)
+        positions = np.asarray(starts)[seq] + np.arange(len(seq)) - first[seq]
+        seqs = []
+        for i in np.flatnonzero(lens > 1).tolist():
+            start, qlen = starts[i], query_lens[i]
             mask, causal = _mask(start, qlen, sliding_window)
-            seqs.append(SequenceView(int(first[i]), qlen, all_slots[i, :ctxs[i]].to(device),
+            seqs.append(SequenceView(int(first[i]), qlen, _tensor(all_slots[i, :start + qlen], device),
                                      None if mask is None else mask.to(device), causal))
-        group = _decode_group(all_slots, first, ctxs, decode, sliding_window, device) if decode else None
-        return cls(positions.to(device), all_slots[seq, positions].to(device), seqs, group)
+        decode = np.flatnonzero(lens == 1)
+        group = _decode_group(all_slots, first, ctxs, decode, sliding_window, device) if len(decode) else None
+        return cls(_tensor(positions, device), _tensor(all_slots[seq, positions], device), seqs, group, width)
 
 
-def _decode_group(all_slots: torch.Tensor, first: torch.Tensor, ctxs: list[int], decode: list[int],
+def _tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def _decode_group(all_slots: np.ndarray, first: np.ndarray, ctxs: np.ndarray, decode: np.ndarray,
                   window: int | None, device: torch.device | str) -> DecodeGroup:
-    lengths = torch.tensor([ctxs[i] for i in decode])
+    lengths = ctxs[decode]
     width = int(lengths.max())
-    if len(decode) < len(ctxs):  # some sequences are prefilling: keep the decoding ones' rows
-        index = torch.tensor(decode)
-        first, all_slots = first[index], all_slots[index]
-    k = torch.arange(width)[None, :]
+    k = np.arange(width)[None, :]
     allowed = k < lengths[:, None]
     if window is not None:
         allowed &= k > lengths[:, None] - 1 - window
-    return DecodeGroup(first.to(device), all_slots[:, :width].to(device), allowed[:, None, None, :].to(device))
+    # Where every row attends to its whole width (one sequence, or all of one length) no mask is needed, and
+    # attention without one takes a faster kernel.
+    mask = None if allowed.all() else _tensor(allowed[:, None, None, :], device)
+    return DecodeGroup(_tensor(first[decode], device), _tensor(all_slots[decode, :width], device), mask)
 
 
 def _mask(start: int, qlen: int, window: int | None) -> tuple[torch.Tensor | None, bool]:

@@ -28,18 +28,30 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class Rotary:
-    """Rotary position embedding in the half-rotation layout HF checkpoints are trained with."""
+    """Rotary position embedding in the half-rotation layout HF checkpoints are trained with.
+
+    cos and sin are looked up in tables over positions [0, length), grown by doubling as contexts grow: two
+    lookups a forward instead of computing them (which cost a decode step of a small model more than a
+    projection did). sin is stored with its first half negated, so a rotation is a roll and two products."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
         self.inv_freq = inv_frequencies(config).to(device)
+        self.cos = self.sin = torch.empty(0, 1, 2 * len(self.inv_freq), device=device)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for `positions`, all below `span`, as [len, 1, head_dim]."""
+        if len(self.cos) < span or self.cos.dtype != dtype:
+            self._fill(max(span, 2 * len(self.cos), 256), dtype)
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+    def _fill(self, length: int, dtype: torch.dtype) -> None:
+        freqs = torch.arange(length, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        sin = emb.sin()
+        sin[:, :len(self.inv_freq)].neg_()
+        self.cos, self.sin = emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x.roll(half) is [x2, x1]; with sin's first half negated this is x * cos + [-x2, x1] * sin.
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin

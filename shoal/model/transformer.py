@@ -69,7 +69,7 @@ class Transformer(nn.Module):
         if self.rotary is None:
             self.rotary = Rotary(self.config, self.device)
         h = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype)
-        rope = self.rotary.cos_sin(batch.positions, h.dtype)
+        rope = self.rotary.cos_sin(batch.positions, h.dtype, batch.span)
         for i in range(start - self.start, end - self.start):
             h = self.layers[i](h, rope, batch, kv, i)
         return self.norm(h) if end == self.config.num_hidden_layers else h
