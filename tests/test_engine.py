@@ -333,3 +333,35 @@ def test_an_engine_on_packed_weights_matches_plain_ones_and_keys_its_cache_alike
     finally:
         for engine in engines:
             engine.close()
+
+
+def test_a_stage_runs_decode_steps_on_the_loops_thread_as_one_batch_and_prefill_on_its_model_thread(make_engine):
+    import threading
+
+    from shoal.engine.stage import StageEngine
+    from shoal.model import DEMO_PATH
+
+    stage = StageEngine.from_dir(DEMO_PATH, (0, 4))
+    runs: list[tuple[str, int]] = []
+    original = stage._run
+
+    def recording(group: list, answers: list) -> None:
+        runs.append((threading.current_thread().name, len(group)))
+        original(group, answers)
+    stage._run = recording
+
+    async def go() -> tuple[list[int], list[int]]:
+        greedy = SamplingParams(temperature=0, max_tokens=8)
+        ids = {s: stage.open(s, (0, 4), prompt, greedy) for s, prompt in (("a", "Hello"), ("b", "Once upon"))}
+        firsts = await asyncio.gather(*(stage.step(s, 0, torch.tensor(ids[s]), sample=True) for s in "ab"))
+        seconds = await asyncio.gather(*(stage.step(s, len(ids[s]), torch.tensor([f["token"]]), sample=True)
+                                         for s, f in zip("ab", firsts, strict=True)))
+        return [f["token"] for f in firsts], [s["token"] for s in seconds]
+
+    try:
+        firsts, seconds = asyncio.run(go())
+    finally:
+        stage.close()
+    assert runs == [("shoal-stage", 2), ("MainThread", 2)]
+    each = run(alone(make_engine(), ["Hello", "Once upon"], SamplingParams(temperature=0, max_tokens=2)))
+    assert [ids for _, ids, _ in each] == [[a, b] for a, b in zip(firsts, seconds, strict=True)]

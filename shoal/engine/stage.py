@@ -4,6 +4,11 @@ The coordinator drives each sequence step by step (a prefill chunk or one decode
 step that reaches this stage in the same tick joins one batched forward per layer range. The
 stage that ends the model samples with the request's own seeded generator, so a replacement
 stage that is replayed the same inputs draws the same tokens.
+
+Decode steps run on the event loop's own thread when the model thread is idle: handing a step to a
+thread and its answer back costs two cross-thread wake-ups, which on a small range took longer
+than the forward itself. Prefill chunks, and anything arriving while the model thread works, go to
+the model thread, so a long forward never holds up the loop.
 """
 
 import asyncio
@@ -52,6 +57,11 @@ class Step:
     done: Callable[[dict | Exception], None]
 
 
+Work = Step | Callable[[], None]
+Answer = tuple[Step, dict | Exception]
+Group = list[tuple[StageSession, Step]]
+
+
 class StageEngine:
     """Layer ranges of one model for routed sequences: an asyncio API in front of a dedicated model thread."""
 
@@ -65,7 +75,9 @@ class StageEngine:
         self.sampler = Sampler(tokenizer.eos_token_ids)
         self.markers = marker_ids(tokenizer)
         self.sessions: dict[str, StageSession] = {}
-        self._inbox: queue.Queue[Step | Callable[[], None]] = queue.Queue()
+        self._inbox: queue.Queue[Work | None] = queue.Queue()
+        self._ready: list[Work] = []  # work taken on the loop's thread, run or handed on at its next turn
+        self._handed = self._finished = 0  # work items handed to the model thread, and finished by it
         self._thread = threading.Thread(target=self._loop, name="shoal-stage", daemon=True)
         self._thread.start()
 
@@ -97,27 +109,27 @@ class StageEngine:
         session = StageSession(session_id, start, end)
         if end == self.model.config.num_hidden_layers:
             session.seq, session.text = self._sampling(session_id, ids, params or SamplingParams(), generated or [])
-        self._inbox.put(lambda: self.sessions.__setitem__(session_id, session))
+        self._submit(lambda: self.sessions.__setitem__(session_id, session))
         return ids
 
     async def step(self, session_id: str, position: int, inputs: torch.Tensor, sample: bool = False) -> dict:
         """Run one step of a session: inputs for positions [position, position + n). Returns {"hidden"} (the
         output rows) or, on the model's last layers with `sample`, the sampled token and what it means."""
-        loop = asyncio.get_running_loop()
+        loop, caller = asyncio.get_running_loop(), threading.get_ident()
         future = loop.create_future()
 
         def done(result: dict | Exception) -> None:
-            def resolve() -> None:
-                if not future.done():
-                    future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
-            loop.call_soon_threadsafe(resolve)
+            if threading.get_ident() == caller:
+                _settle(future, result)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result)
 
-        self._inbox.put(Step(session_id, position, inputs, sample, done))
+        self._submit(Step(session_id, position, inputs, sample, done))
         return await future
 
     def end(self, session_id: str) -> None:
         """Free a session's KV."""
-        self._inbox.put(lambda: self._close(session_id))
+        self._submit(lambda: self._close(session_id))
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -138,37 +150,74 @@ class StageEngine:
             text.push(token)
         return seq, text
 
-    # model thread ---------------------------------------------------------------------------
+    def _submit(self, work: Work) -> None:
+        """Take work in order; at the loop's next turn it runs there or goes to the model thread (`_dispatch`).
+        Outside a running loop it goes straight to the model thread."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._hand([work])
+            return
+        self._ready.append(work)
+        if len(self._ready) == 1:  # work taken in the same turn (steps of concurrent sequences) runs as one batch
+            loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        work, self._ready = self._ready, []
+        idle = self._handed == self._finished  # each counter is written by one thread only
+        if idle and all(not isinstance(w, Step) or len(w.inputs) == 1 for w in work):
+            _answer(self._tick(work))
+        else:
+            self._hand(work)
+
+    def _hand(self, work: list[Work]) -> None:
+        self._handed += len(work)
+        for w in work:
+            self._inbox.put(w)
+
+    # model thread (or the loop's, for decode steps while it idles) ------------------------------------
 
     def _loop(self) -> None:
         while True:
-            item = self._inbox.get()
-            steps: list[Step] = []
-            while item is not None:
-                if isinstance(item, Step):
-                    steps.append(item)
-                else:
-                    item()
+            work = [self._inbox.get()]
+            while work[-1] is not None:
                 try:
-                    item = self._inbox.get_nowait()
+                    work.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            for group in self._groups(steps).values():
-                self._run(group)
-            if item is None:
+            stop = work[-1] is None
+            if stop:
+                work.pop()
+            answers = self._tick(work)
+            self._finished += len(work)  # before answering: an answer may bring the next step at once
+            _answer(answers)
+            if stop:
                 return
 
-    def _groups(self, steps: list[Step]) -> dict[tuple[int, int], list[tuple[StageSession, Step]]]:
-        groups: dict[tuple[int, int], list[tuple[StageSession, Step]]] = {}
+    def _tick(self, work: list[Work]) -> list[Answer]:
+        """Run the work; return each step's answer, for the caller to deliver once the model is free for more."""
+        steps: list[Step] = []
+        answers: list[Answer] = []
+        for w in work:
+            if isinstance(w, Step):
+                steps.append(w)
+            else:
+                w()
+        for group in self._groups(steps, answers).values():
+            self._run(group, answers)
+        return answers
+
+    def _groups(self, steps: list[Step], answers: list[Answer]) -> dict[tuple[int, int], Group]:
+        groups: dict[tuple[int, int], Group] = {}
         for step in steps:
             session = self.sessions.get(step.session_id)
             if session is None:
-                step.done(EngineError(f"no open session {step.session_id!r} on this stage"))
+                answers.append((step, EngineError(f"no open session {step.session_id!r} on this stage")))
             elif step.position != session.num_computed:
-                step.done(EngineError(f"session {step.session_id!r} is at position {session.num_computed}, "
-                                      f"not {step.position}"))
+                answers.append((step, EngineError(f"session {step.session_id!r} is at position "
+                                                  f"{session.num_computed}, not {step.position}")))
             elif not self._reserve(session, step.position + len(step.inputs)):
-                step.done(EngineError(f"no KV room for {len(step.inputs)} more tokens on this stage"))
+                answers.append((step, EngineError(f"no KV room for {len(step.inputs)} more tokens on this stage")))
             else:
                 groups.setdefault((session.start, session.end), []).append((session, step))
         return groups
@@ -180,7 +229,7 @@ class StageEngine:
         session.block_table += [self.free.pop() for _ in range(max(0, need))]
         return True
 
-    def _run(self, group: list[tuple[StageSession, Step]]) -> None:
+    def _run(self, group: Group, answers: list[Answer]) -> None:
         start, end = group[0][0].start, group[0][0].end
         try:
             model = self.model
@@ -194,7 +243,7 @@ class StageEngine:
         except Exception as e:
             log.exception("stage forward failed")
             for _, step in group:
-                step.done(EngineError(f"forward failed: {e!r}"))
+                answers.append((step, EngineError(f"forward failed: {e!r}")))
             return
         row = 0
         for session, step in group:
@@ -203,10 +252,10 @@ class StageEngine:
             out = hidden[row:row + n]
             row += n
             try:
-                step.done(self._sample(session, out[-1]) if step.sample else {"hidden": out.cpu()})
+                answers.append((step, self._sample(session, out[-1]) if step.sample else {"hidden": out.cpu()}))
             except Exception as e:
                 log.exception("stage sampling failed")
-                step.done(EngineError(f"sampling failed: {e!r}"))
+                answers.append((step, EngineError(f"sampling failed: {e!r}")))
 
     def _sample(self, session: StageSession, hidden: torch.Tensor) -> dict:
         seq, text = session.seq, session.text
@@ -228,3 +277,13 @@ class StageEngine:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.free += session.block_table
+
+
+def _settle(future: asyncio.Future, result: dict | Exception) -> None:
+    if not future.done():
+        future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+
+
+def _answer(answers: list[Answer]) -> None:
+    for step, result in answers:
+        step.done(result)
