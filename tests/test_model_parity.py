@@ -89,3 +89,20 @@ def test_layer_ranges_compose_exactly(hf_models, arch):
     hidden = first(tokens, batch, first.new_cache(n))
     got = second.compute_logits(second(hidden, batch, second.new_cache(n)))
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_decoding_sequences_of_far_apart_lengths_attend_in_groups_and_match_each_alone(hf_models, arch):
+    _, path = hf_models(arch)
+    model = load_model(path, device="cpu")
+    lengths = [40, 9, 21, 38]
+    seqs = prompts(model.config.vocab_size, [n + 1 for n in lengths])
+    bt = tables([n + 1 for n in lengths])
+    kv = model.new_cache(sum(map(len, bt)))
+    forward_batch(model, [s[:-1] for s in seqs], kv, bt)
+    batch = AttentionBatch.build(bt, lengths, [1] * len(seqs))
+    assert [d.rows.tolist() for d in batch.decode] == [[0, 2, 3], [1]]  # 9 is under half of 40
+    together = forward_batch(model, [s[-1:] for s in seqs], kv, bt, lengths)
+    for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        alone = forward_batch(model, [s[-1:]], kv, [bt[i]], [n])
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=0)

@@ -55,11 +55,10 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, layer: int) -> torch.Tensor:
         gqa = self.heads != self.kv_heads
-        d = batch.decode
-        if d is not None and not batch.seqs:  # decode only: row i is sequence i's token
-            return self._decode(q, d, kv, layer)
+        if len(batch.decode) == 1 and not batch.seqs:  # decode only, one group: row i is sequence i's token
+            return self._decode(q, batch.decode[0], kv, layer)
         out = q.new_empty(q.shape[0], self.q_size)
-        if d is not None:
+        for d in batch.decode:
             out[d.rows] = self._decode(q[d.rows], d, kv, layer)
         for seq in batch.seqs:
             # 4-D [1, heads, len, dim]: with a batch dimension CPU SDPA takes its flash kernel, 2.5-4x faster
