@@ -36,12 +36,13 @@ class Rotary:
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
         self.inv_freq = inv_frequencies(config).to(device)
+        self.limit = config.max_position_embeddings  # doubling stops here: a long context's table is large
         self.cos = self.sin = torch.empty(0, 1, 2 * len(self.inv_freq), device=device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for `positions`, all below `span`, as [len, 1, head_dim]."""
         if len(self.cos) < span or self.cos.dtype != dtype:
-            self._fill(max(span, 2 * len(self.cos), 256), dtype)
+            self._fill(max(span, min(2 * len(self.cos), self.limit), 256), dtype)
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
     def _fill(self, length: int, dtype: torch.dtype) -> None:
