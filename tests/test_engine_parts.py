@@ -157,3 +157,16 @@ def test_text_that_may_start_a_stop_string_is_held_back_then_released(marked_tok
     out = [stream.push(t) for t in tok.encode("a ST b STO")]
     assert "".join(text for piece in out for _, text in piece) == "a ST b "
     assert stream.flush() == [("text", "STO")] and not stream.stopped
+
+
+def test_plain_requests_sampled_together_take_the_tokens_each_takes_alone():
+    logits = torch.randn(6, 300) * 3
+    params = [dict(temperature=0), dict(temperature=0.7, seed=1), dict(temperature=1.3, seed=2),
+              dict(temperature=0.7, seed=1), dict(temperature=1.0), dict(temperature=0.2, seed=9)]
+    alone = [Sampler([]).sample(row, seq([0], **p))[0] for row, p in zip(logits, params, strict=True)]
+    seqs = [seq([0], **p) for p in params]
+    assert all(Sampler.plain(s) for s in seqs)
+    assert Sampler.sample_plain(logits, seqs) == alone
+    assert not any(Sampler.plain(seq([0], **p)) for p in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1),
+                                                          dict(logit_bias={1: 1.0}), dict(repetition_penalty=1.1),
+                                                          dict(logprobs=2), dict(min_tokens=3)))

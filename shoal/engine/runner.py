@@ -1,6 +1,7 @@
 import torch
 
 from shoal.engine.sequence import Sequence
+from shoal.model.graphs import DecodeGraphs
 from shoal.model.kv import AttentionBatch, PagedKVCache
 from shoal.model.transformer import Transformer
 
@@ -14,9 +15,12 @@ def num_blocks_for(model: Transformer, kv_cache_mb: float, block_size: int) -> i
 class Runner:
     """Runs one batched forward over the chunks a tick scheduled, on the model's layer range."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_rows: int, graphs: bool = True):
         self.model = model
-        self.kv: PagedKVCache = model.new_cache(num_blocks, block_size)
+        graphs = graphs and model.device.type == "cuda" and model.is_first and model.is_last
+        # With graphs, one block more than the engine hands out: its first slot takes the padding rows' K/V
+        self.kv: PagedKVCache = model.new_cache(num_blocks + graphs, block_size)
+        self.graphs = DecodeGraphs(model, self.kv, num_blocks * block_size, max_rows) if graphs else None
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
         for src, dst, n in copies:
@@ -25,13 +29,17 @@ class Runner:
     def forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Hidden states of every token in the batch, sequences concatenated in batch order."""
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed:seq.num_computed + n]]
+        if self.graphs is not None and len(ids) == len(batch):
+            starts = [seq.num_computed for seq, _ in batch]
+            if self.graphs.fits(len(batch), max(starts) + 1):
+                return self.graphs.forward(ids, [seq.block_table for seq, _ in batch], starts, self.kv.block_size)
         meta = AttentionBatch.build([seq.block_table for seq, _ in batch], [seq.num_computed for seq, _ in batch],
                                     [n for _, n in batch], self.kv.block_size, self.model.config.sliding_window,
                                     self.model.device)
         return self.model(torch.tensor(ids, device=self.model.device), meta, self.kv)
 
     def logits(self, hidden: torch.Tensor, batch: list[tuple[Sequence, int]]) -> dict[Sequence, torch.Tensor]:
-        """fp32 logits on the CPU for each sequence whose chunk reaches its last token."""
+        """fp32 logits, on the model's device, of each sequence whose chunk reaches its last token."""
         rows, seqs, end = [], [], 0
         for seq, n in batch:
             end += n
@@ -40,5 +48,5 @@ class Runner:
                 seqs.append(seq)
         if not rows:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
         return dict(zip(seqs, logits, strict=True))

@@ -45,6 +45,10 @@ class Rotary:
             self._fill(max(span, min(2 * len(self.cos), self.limit), 256), dtype)
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
+    def fill_all(self, dtype: torch.dtype) -> None:
+        """Tables over every position the model takes: they never grow again (a CUDA graph reads them in place)."""
+        self._fill(self.limit, dtype)
+
     def _fill(self, length: int, dtype: torch.dtype) -> None:
         freqs = torch.arange(length, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)

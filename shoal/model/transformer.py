@@ -66,13 +66,20 @@ class Transformer(nn.Module):
         start, end = self.start if start is None else start, self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise ValueError(f"layers [{start}, {end}) are not within the held range [{self.start}, {self.end})")
-        if self.rotary is None:
-            self.rotary = Rotary(self.config, self.device)
         h = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype)
-        rope = self.rotary.cos_sin(batch.positions, h.dtype, batch.span)
+        rope = self._rotary().cos_sin(batch.positions, h.dtype, batch.span)
         for i in range(start - self.start, end - self.start):
             h = self.layers[i](h, rope, batch, kv, i)
         return self.norm(h) if end == self.config.num_hidden_layers else h
+
+    def _rotary(self) -> Rotary:
+        if self.rotary is None:
+            self.rotary = Rotary(self.config, self.device)
+        return self.rotary
+
+    def fill_rotary(self) -> None:
+        """The rotary tables at the model's whole context length, where they stay."""
+        self._rotary().fill_all(self.dtype)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
