@@ -15,6 +15,7 @@ from shoal.model.transformer import Transformer
 
 MAX_ROWS = 256
 MIN_WIDTH = 256
+EAGER_WIDTH = 4096  # graphs up to this width are captured when the engine starts, wider ones on first use
 MAX_SLOTS = 2**20  # batch x width of the largest graph: its gathered K and V are 2 x this x kv_heads x head_dim
 
 
@@ -48,7 +49,9 @@ class Graph:
 
 
 class DecodeGraphs:
-    """CUDA graphs of a whole model's decode forward, captured per (batch, width) bucket on first use."""
+    """CUDA graphs of a whole model's decode forward, one per (batch, width) bucket: those up to EAGER_WIDTH
+    captured at once (a capture costs two forwards, 50-100 ms for a 0.5B model, too long to spend in a request's
+    tick), wider ones on first use."""
 
     def __init__(self, model: Transformer, kv: PagedKVCache, scratch: int, max_rows: int):
         self.model, self.kv, self.scratch = model, kv, scratch
@@ -57,6 +60,11 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         model.fill_rotary()  # a graph reads the tables where they lay when it was captured
+        widths = sorted({self._key(1, w)[1] for w in _powers(MIN_WIDTH, EAGER_WIDTH)}, reverse=True)
+        for width in widths:  # largest first, so that the smaller ones reuse its memory in the pool
+            for rows in reversed(_powers(1, self.max_rows)):
+                if rows * width <= MAX_SLOTS:
+                    self._graph((rows, width))
 
     def _key(self, rows: int, width: int) -> tuple[int, int]:
         return pow2(rows), min(pow2(width, MIN_WIDTH), self.model.config.max_position_embeddings)
@@ -72,9 +80,7 @@ class DecodeGraphs:
         slots = context_slots(block_tables, ctxs, block_size)
         n, width = slots.shape
         key = self._key(n, width)
-        if key not in self.graphs:
-            self.graphs[key] = Graph(self.model, self.kv, *key, self.scratch, self.pool)
-        graph, (rows, cols) = self.graphs[key], key
+        graph, (rows, cols) = self._graph(key), key
         padded = np.full((rows, cols), self.scratch, dtype=np.int64)
         padded[:n, :width] = slots
         k = np.arange(cols)[None, :]
@@ -92,3 +98,13 @@ class DecodeGraphs:
         graph.mask.view(rows, cols).copy_(torch.from_numpy(allowed))
         graph.graph.replay()
         return graph.out[:n]
+
+    def _graph(self, key: tuple[int, int]) -> Graph:
+        if key not in self.graphs:
+            self.graphs[key] = Graph(self.model, self.kv, *key, self.scratch, self.pool)
+        return self.graphs[key]
+
+
+def _powers(low: int, high: int) -> list[int]:
+    """Powers of two from low up to high."""
+    return [1 << i for i in range(low.bit_length() - 1, high.bit_length())]
