@@ -98,8 +98,13 @@ class AttentionBatch:
             mask, causal = _mask(start, qlen, sliding_window)
             seqs.append(SequenceView(int(first[i]), qlen, _tensor(all_slots[i, :start + qlen], device),
                                      None if mask is None else mask.to(device), causal))
-        groups = [_decode_group(all_slots, first, ctxs, rows, sliding_window, device)
-                  for rows in _by_length(np.flatnonzero(lens == 1), ctxs)]
+        decoding = np.flatnonzero(lens == 1)
+        # On a GPU, padding is cheap and launching each group's kernels is not: there they attend as one group
+        if torch.device(device).type == "cpu":
+            parts = _by_length(decoding, ctxs)
+        else:
+            parts = [decoding] if len(decoding) else []
+        groups = [_decode_group(all_slots, first, ctxs, rows, sliding_window, device) for rows in parts]
         return cls(_tensor(positions, device), _tensor(all_slots[seq, positions], device), seqs, groups, width)
 
 
