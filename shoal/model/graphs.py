@@ -16,7 +16,7 @@ from shoal.model.transformer import Transformer
 MAX_ROWS = 256
 MIN_WIDTH = 256
 EAGER_WIDTH = 4096  # graphs up to this width are captured when the engine starts, wider ones on first use
-MAX_SLOTS = 2**20  # batch x width of the largest graph: its gathered K and V are 2 x this x kv_heads x head_dim
+MAX_GATHER_BYTES = 256 * 2**20  # the K (or V) a graph's rows gather in one layer: batch x width x a slot's bytes
 
 
 def pow2(n: int, floor: int = 1) -> int:
@@ -50,20 +50,22 @@ class Graph:
 
 class DecodeGraphs:
     """CUDA graphs of a whole model's decode forward, one per (batch, width) bucket: those up to EAGER_WIDTH
-    captured at once (a capture costs two forwards, 50-100 ms for a 0.5B model, too long to spend in a request's
-    tick), wider ones on first use."""
+    captured at once (a capture costs two forwards, about 40 ms for a 0.5B model on an H100: too long to spend in
+    a request's tick), wider ones on first use."""
 
     def __init__(self, model: Transformer, kv: PagedKVCache, scratch: int, max_rows: int):
         self.model, self.kv, self.scratch = model, kv, scratch
         self.max_rows = min(pow2(max_rows), MAX_ROWS)
         self.window = model.config.sliding_window
+        c = model.config
+        self.max_slots = MAX_GATHER_BYTES // (c.num_key_value_heads * c.head_dim * model.dtype.itemsize)
         self.graphs: dict[tuple[int, int], Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         model.fill_rotary()  # a graph reads the tables where they lay when it was captured
         widths = sorted({self._key(1, w)[1] for w in _powers(MIN_WIDTH, EAGER_WIDTH)}, reverse=True)
         for width in widths:  # largest first, so that the smaller ones reuse its memory in the pool
             for rows in reversed(_powers(1, self.max_rows)):
-                if rows * width <= MAX_SLOTS:
+                if rows * width <= self.max_slots:
                     self._graph((rows, width))
 
     def _key(self, rows: int, width: int) -> tuple[int, int]:
@@ -71,7 +73,7 @@ class DecodeGraphs:
 
     def fits(self, rows: int, width: int) -> bool:
         key = self._key(rows, width)
-        return rows <= self.max_rows and key[0] * key[1] <= MAX_SLOTS
+        return rows <= self.max_rows and key[0] * key[1] <= self.max_slots
 
     def forward(self, ids: list[int], block_tables: list[list[int]], starts: list[int],
                 block_size: int) -> torch.Tensor:
