@@ -43,7 +43,7 @@ def test_thinking_and_tool_calls_stream_as_their_own_events(tiny_model_dir):
                                     ("<think>", "</think>", "<tool_call>", "</tool_call>")])
     engine = Engine(load_model(path), tok)
     script = iter(tok.encode('<think>hmm</think>Done.<tool_call>{"name": "f"}</tool_call>'))
-    engine.sampler.sample = lambda logits, seq: (next(script), None)
+    engine.sampler.sample, engine.sampler.plain = lambda logits, seq: (next(script), None), lambda seq: False
 
     async def go():
         stream = engine.submit([5, 6], SamplingParams(max_tokens=len(tok.encode(
@@ -155,7 +155,7 @@ def test_a_sampling_error_fails_only_its_request(make_engine):
     prompts = [chat(q) for q in QUESTIONS[:3]]
     params = [SamplingParams(temperature=0, seed=s) for s in (1, 13, 2)]
     good = run(alone(engine, [prompts[0], prompts[2]], GREEDY))
-    engine.sampler.sample = faulty
+    engine.sampler.sample, engine.sampler.plain = faulty, lambda seq: False  # one by one, on a GPU too
     results = run(together(engine, prompts, params))
     assert results[1][2].finish_reason == "error" and "injected" in results[1][2].error
     assert [r[1] for r in (results[0], results[2])] == [g[1] for g in good]
@@ -182,7 +182,7 @@ def test_multibyte_utf8_streams_intact(make_engine):
     engine = make_engine()
     target = engine.tokenizer.encode("héllo 😀 wörld ✓")
     script = iter(target)
-    engine.sampler.sample = lambda logits, seq: (next(script), None)
+    engine.sampler.sample, engine.sampler.plain = lambda logits, seq: (next(script), None), lambda seq: False
 
     async def go():
         stream = engine.submit([5, 6, 7], SamplingParams(max_tokens=len(target)))
@@ -317,7 +317,7 @@ def test_an_engine_on_packed_weights_matches_plain_ones_and_keys_its_cache_alike
     from shoal.model.tokenizer import Tokenizer
 
     path = tiny_model_dir("llama")
-    plain, packed = load_model(path), load_model(path)
+    plain, packed = load_model(path, device="cpu"), load_model(path, device="cpu")  # packing is a CPU layout
     tied = packed.lm_head.weight is packed.embed_tokens.weight
     for m in packed.modules():
         m.packs = isinstance(m, Linear) and not (tied and m is packed.lm_head)  # as `tune` chooses where it pays

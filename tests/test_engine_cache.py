@@ -116,7 +116,7 @@ def test_tiny_kv_pool_preempts_and_every_request_still_completes(make_engine):
 
 
 def test_idle_session_pins_are_reclaimed_under_memory_pressure(make_engine):
-    engine = make_engine(kv_cache_mb=0.75)
+    engine = make_engine(kv_cache_mb=0.75, dtype="float32")  # 12 blocks of 16 tokens, on a GPU too
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
 
     async def go():
