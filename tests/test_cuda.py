@@ -29,3 +29,20 @@ def test_seeded_requests_sampled_together_on_the_gpu_match_each_alone(make_engin
     batched = run(together(engine, prompts, params))
     assert [ids for _, ids, _ in batched] == [ids for _, ids, _ in solo]
     assert len({tuple(ids) for _, ids, _ in solo}) > 1
+
+
+def test_a_cached_prompts_few_new_tokens_run_as_graph_rows_and_match_eager(make_engine):
+    graphs, eager = make_engine(dtype="float32"), make_engine(dtype="float32", cuda_graphs=False)
+    prefix = graphs.tokenizer.encode("Once upon a time, by a grey and windy sea, there lived an old fisher who "
+                                     "mended his nets every morning and sang to the gulls")
+    prompts = [prefix, *([*prefix, t] for t in (3, 11, 12)), [*prefix, 40, 41, 42, 43, 44, 45]]
+    rows, replay = [], graphs.runner.graphs.forward
+    graphs.runner.graphs.forward = lambda ids, *rest: rows.append(len(ids)) or replay(ids, *rest)
+
+    def replies(engine):
+        return [run(alone(engine, [p], GREEDY))[0] for p in prompts]
+
+    replayed, plain = replies(graphs), replies(eager)
+    assert [ids for _, ids, _ in replayed] == [ids for _, ids, _ in plain]
+    assert all(stats.cache_delta["read"] >= 48 for _, _, stats in replayed[1:]), [s for _, _, s in replayed]
+    assert max(rows) > 1  # one request's prefill chunk ran as rows of a graph

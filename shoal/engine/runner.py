@@ -29,10 +29,13 @@ class Runner:
     def forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Hidden states of every token in the batch, sequences concatenated in batch order."""
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed:seq.num_computed + n]]
-        if self.graphs is not None and len(ids) == len(batch):
-            starts = [seq.num_computed for seq, _ in batch]
-            if self.graphs.fits(len(batch), max(starts) + 1):
-                return self.graphs.forward(ids, [seq.block_table for seq, _ in batch], starts, self.kv.block_size)
+        if self.graphs is not None and len(ids) <= self.graphs.max_rows:
+            # Each token a row of its own that attends to its context so far, as a decoding sequence's does: a
+            # small tick replays a graph, prefill chunks included (a cached prompt's few new tokens)
+            starts = [seq.num_computed + j for seq, n in batch for j in range(n)]
+            if self.graphs.fits(len(ids), max(starts) + 1):
+                tables = [seq.block_table for seq, n in batch for _ in range(n)]
+                return self.graphs.forward(ids, tables, starts, self.kv.block_size)
         meta = AttentionBatch.build([seq.block_table for seq, _ in batch], [seq.num_computed for seq, _ in batch],
                                     [n for _, n in batch], self.kv.block_size, self.model.config.sliding_window,
                                     self.model.device)

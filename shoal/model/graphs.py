@@ -1,4 +1,5 @@
-"""Decode steps replayed as CUDA graphs.
+"""Small ticks replayed as CUDA graphs: every token a row that attends to its own context so far, as a
+decoding sequence's token does (a prefill chunk's tokens are rows of one sequence at successive positions).
 
 On a GPU a small model's decode step is bound by launching its kernels from Python, not by running them: a
 0.5B model's step issued about 700 kernels that ran for 2 ms in all, while issuing them took 20 ms. A graph
@@ -77,7 +78,9 @@ class DecodeGraphs:
 
     def forward(self, ids: list[int], block_tables: list[list[int]], starts: list[int],
                 block_size: int) -> torch.Tensor:
-        """Hidden states of one decode step: each sequence adds token ids[i] at position starts[i]."""
+        """Hidden states of one tick: row i adds token ids[i] at position starts[i] of the sequence whose blocks
+        are block_tables[i], attending to positions up to its own (each row's K/V is stored before any row
+        attends, in every layer)."""
         ctxs = np.add(starts, 1)
         slots = context_slots(block_tables, ctxs, block_size)
         n, width = slots.shape
