@@ -46,7 +46,7 @@ class EngineConfig:
     save_min_tokens: int = 64
     continued_every: int = 256
     dtype: str | None = None  # the model's: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU
-    cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs (model/graphs.py)
+    cuda_graphs: bool = True  # on a GPU, replay ticks of at most n_seq_max tokens as CUDA graphs (model/graphs.py)
 
     @property
     def chunk(self) -> int:

@@ -57,8 +57,8 @@ class DecodeGraphs:
     def __init__(self, model: Transformer, kv: PagedKVCache, scratch: int, max_rows: int):
         self.model, self.kv, self.scratch = model, kv, scratch
         self.max_rows = min(pow2(max_rows), MAX_ROWS)
-        self.window = model.config.sliding_window
         c = model.config
+        self.window = c.sliding_window
         self.max_slots = MAX_GATHER_BYTES // (c.num_key_value_heads * c.head_dim * model.dtype.itemsize)
         self.graphs: dict[tuple[int, int], Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
