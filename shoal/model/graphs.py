@@ -11,7 +11,7 @@ mask over them. Rows past the real batch, and padding, point at a scratch slot n
 import numpy as np
 import torch
 
-from shoal.model.kv import AttentionBatch, DecodeGroup, PagedKVCache, context_slots
+from shoal.model.kv import AttentionBatch, DecodeGroup, PagedKVCache, attendable, context_slots
 from shoal.model.transformer import Transformer
 
 MAX_ROWS = 256
@@ -88,12 +88,9 @@ class DecodeGraphs:
         graph, (rows, cols) = self._graph(key), key
         padded = np.full((rows, cols), self.scratch, dtype=np.int64)
         padded[:n, :width] = slots
-        k = np.arange(cols)[None, :]
         allowed = np.zeros((rows, cols), dtype=bool)
         allowed[:, 0] = True
-        allowed[:n] = k < ctxs[:, None]
-        if self.window is not None:
-            allowed[:n] &= k > ctxs[:, None] - 1 - self.window
+        allowed[:n] = attendable(ctxs, cols, self.window)
         put = np.zeros((3, rows), dtype=np.int64)
         put[0, :n], put[1, :n], put[2] = ids, starts, self.scratch
         put[2, :n] = slots[np.arange(n), ctxs - 1]

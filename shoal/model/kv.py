@@ -136,14 +136,21 @@ def _by_length(decode: np.ndarray, ctxs: np.ndarray) -> list[np.ndarray]:
     return groups
 
 
-def _decode_group(all_slots: np.ndarray, first: np.ndarray, ctxs: np.ndarray, decode: np.ndarray,
-                  window: int | None, device: torch.device | str) -> DecodeGroup:
-    lengths = ctxs[decode]
-    width = int(lengths.max())
+def attendable(lengths: np.ndarray, width: int, window: int | None) -> np.ndarray:
+    """[n, width]: which of its first `width` context positions each row, whose token sits at lengths - 1,
+    attends to."""
     k = np.arange(width)[None, :]
     allowed = k < lengths[:, None]
     if window is not None:
         allowed &= k > lengths[:, None] - 1 - window
+    return allowed
+
+
+def _decode_group(all_slots: np.ndarray, first: np.ndarray, ctxs: np.ndarray, decode: np.ndarray,
+                  window: int | None, device: torch.device | str) -> DecodeGroup:
+    lengths = ctxs[decode]
+    width = int(lengths.max())
+    allowed = attendable(lengths, width, window)
     # Where every row attends to its whole width (one sequence, or all of one length) no mask is needed, and
     # attention without one takes a faster kernel.
     mask = None if allowed.all() else _tensor(allowed[:, None, None, :], device)
