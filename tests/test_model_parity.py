@@ -28,10 +28,10 @@ def tables(lengths: list[int], block_size: int = 16) -> list[list[int]]:
     return out
 
 
-def forward_batch(model, seqs: list[list[int]], kv, block_tables, starts=None):
+def forward_batch(model, seqs: list[list[int]], kv, block_tables, starts=None, in_place=False):
     starts = starts or [0] * len(seqs)
     batch = AttentionBatch.build(block_tables, starts, [len(s) for s in seqs],
-                                 sliding_window=model.config.sliding_window)
+                                 sliding_window=model.config.sliding_window, in_place=in_place)
     hidden = model(torch.tensor([t for s in seqs for t in s]), batch, kv)
     return model.compute_logits(hidden)
 
@@ -48,8 +48,9 @@ def test_batched_logits_match_transformers(hf_models, arch):
         torch.testing.assert_close(got, hf_logits(hf, ids), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in-place"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_incremental_decode_equals_full_forward(hf_models, arch):
+def test_incremental_decode_equals_full_forward(hf_models, arch, in_place):
     _, path = hf_models(arch)
     model = load_model(path, device="cpu")
     ids = prompts(model.config.vocab_size, [20])[0]
@@ -58,7 +59,7 @@ def test_incremental_decode_equals_full_forward(hf_models, arch):
     kv = model.new_cache(len(bt[0]))
     steps = [forward_batch(model, [ids[:9]], kv, bt)]
     for pos in range(9, 20):
-        steps.append(forward_batch(model, [ids[pos:pos + 1]], kv, bt, [pos]))
+        steps.append(forward_batch(model, [ids[pos:pos + 1]], kv, bt, [pos], in_place))
     torch.testing.assert_close(torch.cat(steps), full, atol=1e-4, rtol=0)
 
 

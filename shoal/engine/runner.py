@@ -38,7 +38,7 @@ class Runner:
                 return self.graphs.forward(ids, tables, starts, self.kv.block_size)
         meta = AttentionBatch.build([seq.block_table for seq, _ in batch], [seq.num_computed for seq, _ in batch],
                                     [n for _, n in batch], self.kv.block_size, self.model.config.sliding_window,
-                                    self.model.device)
+                                    self.model.device, self.kv.in_place)
         return self.model(torch.tensor(ids, device=self.model.device), meta, self.kv)
 
     def logits(self, hidden: torch.Tensor, batch: list[tuple[Sequence, int]]) -> dict[Sequence, torch.Tensor]:

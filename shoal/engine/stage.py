@@ -235,7 +235,7 @@ class StageEngine:
             model = self.model
             batch = AttentionBatch.build([s.block_table for s, _ in group], [step.position for _, step in group],
                                          [len(step.inputs) for _, step in group], BLOCK_SIZE,
-                                         model.config.sliding_window, model.device)
+                                         model.config.sliding_window, model.device, self.kv.in_place)
             inputs = torch.cat([step.inputs for _, step in group]) if len(group) > 1 else group[0][1].inputs
             if inputs.is_floating_point():  # an earlier stage may hold the model in another dtype
                 inputs = inputs.to(model.dtype)

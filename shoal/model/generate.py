@@ -30,7 +30,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_tokens: int = 32, te
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     inputs, start = prompt_ids, 0
     for _ in range(max_tokens):
-        batch = AttentionBatch.build([table], [start], [len(inputs)], kv.block_size, window, model.device)
+        batch = AttentionBatch.build([table], [start], [len(inputs)], kv.block_size, window, model.device, kv.in_place)
         hidden = model(torch.tensor(inputs, device=model.device), batch, kv)
         token = sample(model.compute_logits(hidden[-1]).cpu(), temperature, generator)
         yield token

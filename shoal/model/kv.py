@@ -3,6 +3,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shoal.model import paged
+
 BLOCK_SIZE = 16
 
 
@@ -21,6 +23,13 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        if self.in_place:
+            paged.warm(dtype)
+
+    @property
+    def in_place(self) -> bool:
+        """Whether decoding rows attend where their K/V lie (model/paged.py), not through a gather."""
+        return paged.supports(self.k)
 
     @property
     def bytes_per_block(self) -> int:
@@ -54,6 +63,17 @@ class SequenceView:
 
 
 @dataclass
+class PagedRows:
+    """Every sequence that adds one token, attended in place: rows of the flat batch, block tables, and the
+    context positions [begins, lengths) each attends to."""
+
+    rows: torch.Tensor
+    tables: np.ndarray
+    lengths: np.ndarray
+    begins: np.ndarray
+
+
+@dataclass
 class DecodeGroup:
     """Every sequence that adds one token, attended in one padded call: rows of the flat batch, each
     row's context slots padded to the longest, and which of them it may attend to."""
@@ -68,20 +88,22 @@ class AttentionBatch:
     """Attention metadata for one batched forward over sequences of different lengths (no padding).
 
     Tokens of all sequences are concatenated; sequence i contributes query_len tokens at
-    positions [context_len - query_len, context_len). Sequences adding a single token form decode
-    groups of similar context length; the others (prefill chunks) are attended one by one.
+    positions [context_len - query_len, context_len). Sequences adding a single token attend in place
+    (`paged`, where the cache allows it) or form decode groups of similar context length; the others
+    (prefill chunks) are attended one by one.
     """
 
     positions: torch.Tensor
     slot_mapping: torch.Tensor
     seqs: list[SequenceView]
     decode: list[DecodeGroup]
+    paged: PagedRows | None
     span: int  # the longest context: every position is below it
 
     @classmethod
     def build(cls, block_tables: list[list[int]], starts: list[int], query_lens: list[int],
               block_size: int = BLOCK_SIZE, sliding_window: int | None = None,
-              device: torch.device | str = "cpu") -> "AttentionBatch":
+              device: torch.device | str = "cpu", in_place: bool = False) -> "AttentionBatch":
         # Every sequence's context slots in one [n, width] array, so the work per tick is a few array ops whatever
         # the batch size; rows past a sequence's context hold slots it never attends to. numpy, not torch: these
         # are small index arrays, and a numpy op costs a fraction of a torch op's dispatch (it runs every step of
@@ -99,13 +121,17 @@ class AttentionBatch:
             seqs.append(SequenceView(int(first[i]), qlen, _tensor(all_slots[i, :start + qlen], device),
                                      None if mask is None else mask.to(device), causal))
         decoding = np.flatnonzero(lens == 1)
+        in_place = in_place and len(decoding) > 0
         # On a GPU, padding is cheap and launching each group's kernels is not: there they attend as one group
-        if torch.device(device).type == "cpu":
+        if in_place or not len(decoding):
+            parts = []
+        elif torch.device(device).type == "cpu":
             parts = _by_length(decoding, ctxs)
         else:
-            parts = [decoding] if len(decoding) else []
+            parts = [decoding]
         groups = [_decode_group(all_slots, first, ctxs, rows, sliding_window, device) for rows in parts]
-        return cls(_tensor(positions, device), _tensor(all_slots[seq, positions], device), seqs, groups, width)
+        rows = _paged_rows(block_tables, first, ctxs, decoding, sliding_window) if in_place else None
+        return cls(_tensor(positions, device), _tensor(all_slots[seq, positions], device), seqs, groups, rows, width)
 
 
 def context_slots(block_tables: list[list[int]], ctxs: np.ndarray, block_size: int = BLOCK_SIZE) -> np.ndarray:
@@ -114,9 +140,14 @@ def context_slots(block_tables: list[list[int]], ctxs: np.ndarray, block_size: i
     for table, ctx in zip(block_tables, ctxs.tolist(), strict=True):
         if len(table) * block_size < ctx:
             raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
-    width, blocks = int(ctxs.max()), max(len(t) for t in block_tables)
-    table = np.array([t + [0] * (blocks - len(t)) for t in block_tables], dtype=np.int64)
-    return (table[:, :, None] * block_size + np.arange(block_size)).reshape(len(ctxs), -1)[:, :width]
+    table = _padded(block_tables, np.int64)
+    return (table[:, :, None] * block_size + np.arange(block_size)).reshape(len(ctxs), -1)[:, :int(ctxs.max())]
+
+
+def _padded(block_tables: list[list[int]], dtype: type) -> np.ndarray:
+    """The block tables as one [n, longest] array, shorter ones padded with block 0."""
+    blocks = max(len(t) for t in block_tables)
+    return np.array([t + [0] * (blocks - len(t)) for t in block_tables], dtype=dtype)
 
 
 def _tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -144,6 +175,14 @@ def attendable(lengths: np.ndarray, width: int, window: int | None) -> np.ndarra
     if window is not None:
         allowed &= k > lengths[:, None] - 1 - window
     return allowed
+
+
+def _paged_rows(block_tables: list[list[int]], first: np.ndarray, ctxs: np.ndarray, decoding: np.ndarray,
+                window: int | None) -> PagedRows:
+    tables = _padded([block_tables[i] for i in decoding.tolist()], np.int32)
+    lengths = ctxs[decoding].astype(np.int32)
+    begins = np.zeros_like(lengths) if window is None else np.maximum(0, lengths - window).astype(np.int32)
+    return PagedRows(torch.from_numpy(first[decoding]), tables, lengths, begins)
 
 
 def _decode_group(all_slots: np.ndarray, first: np.ndarray, ctxs: np.ndarray, decode: np.ndarray,

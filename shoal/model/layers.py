@@ -2,8 +2,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.model import paged
 from shoal.model.config import ModelConfig
-from shoal.model.kv import AttentionBatch, DecodeGroup, PagedKVCache
+from shoal.model.kv import AttentionBatch, DecodeGroup, PagedKVCache, PagedRows
 from shoal.model.matmul import Linear
 from shoal.model.rope import apply_rotary
 
@@ -55,9 +56,15 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, layer: int) -> torch.Tensor:
         gqa = self.heads != self.kv_heads
-        if len(batch.decode) == 1 and not batch.seqs:  # decode only, one group: row i is sequence i's token
-            return self._decode(q, batch.decode[0], kv, layer)
+        rows = batch.paged
+        if not batch.seqs:  # decode only: row i is sequence i's token
+            if rows is not None:
+                return self._in_place(q, rows, kv, layer)
+            if len(batch.decode) == 1:
+                return self._decode(q, batch.decode[0], kv, layer)
         out = q.new_empty(q.shape[0], self.q_size)
+        if rows is not None:
+            out[rows.rows] = self._in_place(q[rows.rows], rows, kv, layer)
         for d in batch.decode:
             out[d.rows] = self._decode(q[d.rows], d, kv, layer)
         for seq in batch.seqs:
@@ -68,6 +75,9 @@ class Attention(nn.Module):
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=seq.mask, is_causal=seq.causal, enable_gqa=gqa)
             out[rows] = oi[0].transpose(0, 1).reshape(seq.query_len, self.q_size)
         return out
+
+    def _in_place(self, q: torch.Tensor, rows: PagedRows, kv: PagedKVCache, layer: int) -> torch.Tensor:
+        return paged.attend(q, kv.k[layer], kv.v[layer], rows.tables, rows.lengths, rows.begins, kv.block_size)
 
     def _decode(self, q: torch.Tensor, d: DecodeGroup, kv: PagedKVCache, layer: int) -> torch.Tensor:
         n, width = d.slots.shape

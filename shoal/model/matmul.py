@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
+from shoal.model import paged
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # more rows go the last bucket's way: the ranking holds from there on
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
 # A weight is timed at its real shape up to this size: BLAS picks its kernel and its split across threads by
@@ -68,9 +70,11 @@ def ways_for(dtype: torch.dtype) -> tuple[Way, ...]:
 
 
 def set_threads(n: int) -> None:
-    """Run torch's math and numpy's BLAS on `n` threads each (they take turns, never run at once)."""
+    """Run torch's math, numpy's BLAS and the paged attention on `n` threads each (they take turns, never run at
+    once)."""
     torch.set_num_threads(n)
     ThreadpoolController().limit(limits=n, user_api="blas")
+    paged.set_threads(n)
 
 
 def bucket(rows: int) -> int:

@@ -1,0 +1,79 @@
+"""The CPU paged decode attention (model/paged.py) against SDPA over gathered K/V."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shoal.model import load_model, paged
+from shoal.model.kv import AttentionBatch, PagedKVCache
+
+BLOCK = 16
+
+
+def scattered_tables(lengths: list[int], seed: int = 0) -> tuple[list[list[int]], int]:
+    """Block tables over a shuffled pool, so no sequence's blocks lie in order."""
+    counts = [-(-n // BLOCK) for n in lengths]
+    pool = np.random.default_rng(seed).permutation(sum(counts)).tolist()
+    tables, at = [], 0
+    for c in counts:
+        tables.append(pool[at:at + c])
+        at += c
+    return tables, sum(counts)
+
+
+def reference(q: torch.Tensor, cache: PagedKVCache, table: list[int], begin: int, end: int) -> torch.Tensor:
+    slots = (torch.tensor(table)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[begin:end]
+    k, v = (c[0][slots].float().transpose(0, 1)[None] for c in (cache.k, cache.v))
+    return F.scaled_dot_product_attention(q.float()[None, :, None], k, v, enable_gqa=True).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window", [None, 20])
+def test_in_place_attention_equals_sdpa_over_gathered_context(dtype, tol, window):
+    lengths = [1, 5, 16, 17, 40, 77]
+    tables, blocks = scattered_tables(lengths)
+    cache = PagedKVCache(1, blocks, 2, 32, dtype=dtype)
+    cache.k.normal_()
+    cache.v.normal_()
+    q = torch.randn(len(lengths), 6, 32, dtype=dtype)
+    padded = np.zeros((len(lengths), max(map(len, tables))), dtype=np.int32)
+    for row, t in zip(padded, tables, strict=True):
+        row[:len(t)] = t
+    ends = np.array(lengths, dtype=np.int32)
+    begins = np.zeros_like(ends) if window is None else np.maximum(0, ends - window).astype(np.int32)
+    got = paged.attend(q, cache.k[0], cache.v[0], padded, ends, begins, BLOCK)
+    assert got.dtype == dtype and got.shape == (len(lengths), 6 * 32)
+    for i, t in enumerate(tables):
+        want = reference(q[i], cache, t, int(begins[i]), lengths[i])
+        torch.testing.assert_close(got[i].float(), want, atol=tol, rtol=0)
+
+
+def test_only_caches_it_reads_attend_in_place():
+    assert PagedKVCache(1, 2, 2, 8).in_place
+    assert PagedKVCache(1, 2, 2, 8, dtype=torch.bfloat16).in_place
+    assert not PagedKVCache(1, 2, 2, 8, dtype=torch.float16).in_place  # numba has no float16
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_a_tick_of_prefill_chunks_and_decoding_rows_gives_the_same_logits_in_place(hf_models, arch):
+    _, path = hf_models(arch)
+    model = load_model(path, device="cpu")
+    done = [30, 9, 21]  # context already computed
+    new = [1, 12, 1, 1, 6]  # decoding rows among prefill chunks, two of those starting fresh
+    starts = [*done[:1], 0, *done[1:], 0]
+    tables, blocks = scattered_tables([s + n for s, n in zip(starts, new, strict=True)], seed=1)
+    kv = model.new_cache(blocks)
+    g = torch.Generator().manual_seed(0)
+    for table, start in zip(tables, starts, strict=True):
+        if start:
+            ids = torch.randint(1, model.config.vocab_size, (start,), generator=g)
+            model(ids, AttentionBatch.build([table], [0], [start], sliding_window=model.config.sliding_window), kv)
+    ids = torch.randint(1, model.config.vocab_size, (sum(new),), generator=g)
+    logits = {}
+    for in_place in (False, True):
+        batch = AttentionBatch.build(tables, starts, new, sliding_window=model.config.sliding_window,
+                                     in_place=in_place)
+        assert (batch.paged is not None, len(batch.decode) > 0) == (in_place, not in_place)
+        logits[in_place] = model.compute_logits(model(ids, batch, kv))
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
