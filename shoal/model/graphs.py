@@ -38,7 +38,7 @@ class Graph:
         self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=device)
         self.mask[..., 0] = True  # a padding row attends to the scratch slot alone: no row attends to nothing
         group = DecodeGroup(torch.arange(rows, device=device), self.slots, self.mask)
-        batch = AttentionBatch(self.positions, self.slot_mapping, [], [group], width)
+        batch = AttentionBatch(self.positions, self.slot_mapping, seqs=[], decode=[group], paged=None, span=width)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
