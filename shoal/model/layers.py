@@ -56,15 +56,15 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, layer: int) -> torch.Tensor:
         gqa = self.heads != self.kv_heads
-        rows = batch.paged
+        paged_rows = batch.paged
         if not batch.seqs:  # decode only: row i is sequence i's token
-            if rows is not None:
-                return self._in_place(q, rows, kv, layer)
+            if paged_rows is not None:
+                return self._in_place(q, paged_rows, kv, layer)
             if len(batch.decode) == 1:
                 return self._decode(q, batch.decode[0], kv, layer)
         out = q.new_empty(q.shape[0], self.q_size)
-        if rows is not None:
-            out[rows.rows] = self._in_place(q[rows.rows], rows, kv, layer)
+        if paged_rows is not None:
+            out[paged_rows.rows] = self._in_place(q[paged_rows.rows], paged_rows, kv, layer)
         for d in batch.decode:
             out[d.rows] = self._decode(q[d.rows], d, kv, layer)
         for seq in batch.seqs:
