@@ -130,7 +130,7 @@ class AttentionBatch:
         else:
             parts = [decoding]
         groups = [_decode_group(all_slots, first, ctxs, rows, sliding_window, device) for rows in parts]
-        rows = _paged_rows(block_tables, first, ctxs, decoding, sliding_window) if in_place else None
+        rows = _paged_rows(all_slots, block_size, first, ctxs, decoding, sliding_window) if in_place else None
         return cls(_tensor(positions, device), _tensor(all_slots[seq, positions], device), seqs, groups, rows, width)
 
 
@@ -140,14 +140,9 @@ def context_slots(block_tables: list[list[int]], ctxs: np.ndarray, block_size: i
     for table, ctx in zip(block_tables, ctxs.tolist(), strict=True):
         if len(table) * block_size < ctx:
             raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
-    table = _padded(block_tables, np.int64)
-    return (table[:, :, None] * block_size + np.arange(block_size)).reshape(len(ctxs), -1)[:, :int(ctxs.max())]
-
-
-def _padded(block_tables: list[list[int]], dtype: type) -> np.ndarray:
-    """The block tables as one [n, longest] array, shorter ones padded with block 0."""
-    blocks = max(len(t) for t in block_tables)
-    return np.array([t + [0] * (blocks - len(t)) for t in block_tables], dtype=dtype)
+    width, blocks = int(ctxs.max()), max(len(t) for t in block_tables)
+    table = np.array([t + [0] * (blocks - len(t)) for t in block_tables], dtype=np.int64)
+    return (table[:, :, None] * block_size + np.arange(block_size)).reshape(len(ctxs), -1)[:, :width]
 
 
 def _tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -177,9 +172,9 @@ def attendable(lengths: np.ndarray, width: int, window: int | None) -> np.ndarra
     return allowed
 
 
-def _paged_rows(block_tables: list[list[int]], first: np.ndarray, ctxs: np.ndarray, decoding: np.ndarray,
-                window: int | None) -> PagedRows:
-    tables = _padded([block_tables[i] for i in decoding.tolist()], np.int32)
+def _paged_rows(all_slots: np.ndarray, block_size: int, first: np.ndarray, ctxs: np.ndarray,
+                decoding: np.ndarray, window: int | None) -> PagedRows:
+    tables = (all_slots[decoding, ::block_size] // block_size).astype(np.int32)  # every block a context reaches
     lengths = ctxs[decoding].astype(np.int32)
     begins = np.zeros_like(lengths) if window is None else np.maximum(0, lengths - window).astype(np.int32)
     return PagedRows(torch.from_numpy(first[decoding]), tables, lengths, begins)
