@@ -18,10 +18,7 @@ class Sampler:
             token = int(x.argmax())
         else:
             probs = torch.softmax(self.truncate(x / p.temperature, seq), dim=-1)
-            # Inverse CDF with one draw from the request's own generator: its randomness never depends on the
-            # batch, and one draw is ~20x cheaper than the vocabulary-wide noise of Gumbel-max.
-            cdf = probs.cumsum(-1)
-            token = min(int(torch.searchsorted(cdf, draw(seq.generator) * cdf[-1], right=True)), len(cdf) - 1)
+            token = int(inverse_cdf(probs, torch.tensor(draw(seq.generator), dtype=probs.dtype)))
         return token, None if p.logprobs is None else logprobs(logits, token, p.logprobs)
 
     @staticmethod
@@ -39,10 +36,9 @@ class Sampler:
         temps = [s.params.temperature for s in seqs]
         greedy = torch.tensor([t == 0 for t in temps], device=logits.device)
         scale = torch.tensor([t or 1.0 for t in temps], device=logits.device, dtype=logits.dtype)
-        cdf = torch.softmax(logits / scale[:, None], dim=-1).cumsum(-1)
         u = torch.tensor([draw(s.generator) if t else 0.0 for s, t in zip(seqs, temps, strict=True)],
                          device=logits.device, dtype=logits.dtype)
-        drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
+        drawn = inverse_cdf(torch.softmax(logits / scale[:, None], dim=-1), u)
         return torch.where(greedy, logits.argmax(-1), drawn).tolist()
 
     def process(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -81,6 +77,15 @@ class Sampler:
             probs = x.softmax(-1)
             x = x.masked_fill(probs < p.min_p * probs.max(), -float("inf"))
         return x
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token each row of probs [..., vocab] takes for its uniform draw u [...]: inverse CDF with one draw from
+    the request's own generator, so its randomness never depends on the batch (and one draw is ~20x cheaper than
+    the vocabulary-wide noise of Gumbel-max)."""
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return picked.clamp_(max=probs.shape[-1] - 1)
 
 
 def draw(generator: torch.Generator) -> float:
