@@ -320,9 +320,10 @@ def test_an_engine_on_packed_weights_matches_plain_ones_and_keys_its_cache_alike
     plain, packed = load_model(path, device="cpu"), load_model(path, device="cpu")  # packing is a CPU layout
     tied = packed.lm_head.weight is packed.embed_tokens.weight
     for m in packed.modules():
-        m.packs = isinstance(m, Linear) and not (tied and m is packed.lm_head)  # as `tune` chooses where it pays
+        m.pack_rows = int(isinstance(m, Linear))  # as `tune` chooses where it pays for every row count
     pack_loaded(packed)
     assert packed.layers[0].mlp.down_proj.weight.is_mkldnn
+    assert not tied or (packed.lm_head.packed is not None and packed.lm_head.weight is packed.embed_tokens.weight)
     assert fingerprint(packed) == fingerprint(plain)
     engines = [Engine(model, Tokenizer.from_dir(path)) for model in (plain, packed)]
     try:

@@ -48,14 +48,24 @@ def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
     torch.testing.assert_close(got, expected)
 
 
+def test_a_linear_multiplies_its_packed_copy_from_its_pack_rows_on():
+    linear = Linear(7, 11, bias=True)
+    linear.pack_rows, linear.packed = 3, pack(2 * linear.weight)  # a copy that tells which weight multiplied
+    with torch.inference_mode():
+        for rows, factor in ((1, 1), (2, 1), (3, 2), (40, 2)):
+            x = torch.randn(rows, 7)
+            torch.testing.assert_close(linear(x), F.linear(x, factor * linear.weight, linear.bias))
+
+
 def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
     _, path = hf_models("qwen2")
     model = load_model(path, device="cpu")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(len(m.ways) in (0, len(ROW_BUCKETS)) for m in linears)
-    assert model.lm_head.weight is model.embed_tokens.weight and not model.lm_head.packs  # tied: never packed
+    assert model.lm_head.weight is model.embed_tokens.weight and not model.lm_head.weight.is_mkldnn  # tied: a copy
     for m in linears:
-        assert m.packs == m.weight.is_mkldnn
+        assert m.weight.is_mkldnn == (m.pack_rows == 1 and m.packed is None)
+        assert (m.packed is not None) == (m.pack_rows > 0 and not m.weight.is_mkldnn)
         assert m.weight.is_mkldnn or m.weight.is_contiguous() or m.weight.stride() == (1, m.weight.shape[0])
 
 
@@ -131,14 +141,42 @@ def test_importing_shoal_makes_torchs_threads_wait_passively_unless_told(given, 
     assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize(("single", "batched", "pays"), [
-    (0.5, 1.0, True), (1.0, 0.5, True), (0.5, 0.5, True),  # clearly faster for one, not slower for the other
-    (1.0, 1.0, False), (0.95, 1.05, False),  # within noise of the best ways
-    (2.0, 0.5, False), (0.5, 2.0, False),  # a gain for batches does not buy a loss for one row, nor the reverse
+@pytest.mark.parametrize(("single", "batched", "rows"), [
+    (0.5, 1.0, 1), (1.0, 0.5, 1), (0.5, 0.5, 1),  # clearly faster for one, not slower for the other: always packed
+    (1.0, 1.0, 0), (0.95, 1.05, 0), (0.5, 2.0, 0),  # within noise of the best ways, or slower for batches: never
+    (2.0, 0.5, 2),  # faster for every batch, slower for a single row: a packed copy from 2 rows on
 ])
-def test_packing_is_chosen_only_where_it_pays(monkeypatch, single, batched, pays):
+def test_packing_is_chosen_only_where_it_pays(monkeypatch, single, batched, rows):
     import shoal.model.matmul as matmul
 
     larger = len(ROW_BUCKETS) - 1
     monkeypatch.setattr(matmul, "_time", lambda weights, x, way: single if len(x) == 1 else batched / larger)
-    assert matmul._packing_pays([torch.ones(8, 4)], [1.0] + [1.0 / larger] * larger) is pays
+    assert matmul._pack_rows([torch.ones(8, 4)], [1.0] + [1.0 / larger] * larger) == rows
+
+
+def test_a_packed_copy_serves_the_buckets_from_which_it_is_clearly_faster(monkeypatch):
+    import shoal.model.matmul as matmul
+
+    packed = {1: 2.0, 2: 1.1, 4: 0.5, 8: 1.0, 16: 0.5, 32: 0.5, 64: 0.5}  # faster at 4 rows, not at 8: from 9 on
+    monkeypatch.setattr(matmul, "_time", lambda weights, x, way: packed[len(x)])
+    assert matmul._pack_rows([torch.ones(8, 4)], [1.0] * len(ROW_BUCKETS)) == 9
+
+
+@pytest.mark.parametrize(("free_gb", "copied"), [(64, True), (0.001, False)])
+def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypatch, hf_models, free_gb, copied):
+    import psutil
+
+    import shoal.model.matmul as matmul
+
+    _, path = hf_models("qwen2")
+    reference = load_model(path, device="cpu")
+    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", (), 3))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_gb * 2**30}))
+    model = load_model(path, device="cpu")
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all((m.packed is not None) == copied and m.pack_rows == (3 if copied else 0) for m in linears)
+    assert not any(m.weight.is_mkldnn for m in linears) and model.lm_head.weight is model.embed_tokens.weight
+    lengths = [9, 1, 2]
+    seqs, bt = prompts(model.config.vocab_size, lengths), tables(lengths)
+    got, expected = (forward_batch(m, seqs, m.new_cache(sum(map(len, bt))), bt) for m in (model, reference))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -10,13 +10,16 @@ product is phrased, and the spread is wide:
   1.1-1.6x faster for one row and as fast for 64 (a 0.5B model decoded one sequence 18-35% faster),
   while float32 single rows ran twice as slow as OpenBLAS's.
 `tune` times every way on stand-ins of the model's weight shapes and keeps whichever is clearly faster
-than the plain product.
+than the plain product. Where oneDNN's packed product is clearly faster for batches only (float32 on that EPYC:
+1.4-1.6x at 64 rows, 1.1x at 512, but up to 1.4x slower for one row), a packed copy serves the batches and the
+weight as it was the single rows, if memory allows.
 """
 
 import time
 from collections import defaultdict
 from collections.abc import Callable
 
+import psutil
 import torch
 import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
@@ -35,6 +38,7 @@ FULL_SHAPE_BYTES = 1 * 2**30
 CLEARLY = 0.9
 LAYOUT_CLEARLY = 0.8  # a layout only for a larger gain: it is kept for every row count
 PACK_ROWS = 64  # the row count oneDNN lays a packed weight out for (it takes any)
+COPIES_SHARE = 0.5  # the weights with their packed copies take at most this share of the memory free at load
 QUICK_S = 50e-6  # a single-row product quicker than this is mostly call overhead: every way runs alike
 Way = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,14 +90,18 @@ def bucket(rows: int) -> int:
 
 class Linear(nn.Linear):
     """nn.Linear that multiplies the way `tune` found fastest for the row count: `ways` per row bucket (empty:
-    always plain), or by oneDNN once its weight is packed (`tune` sets `packs`; `pack_loaded` packs)."""
+    always plain), or by oneDNN from `pack_rows` rows on (0: never), on a packed weight that `pack_loaded` makes:
+    the weight itself where it serves every row count and no other module shares it, else a copy beside it."""
 
     ways: tuple[Way, ...] = ()
-    packs = False
+    pack_rows = 0
+    packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.is_mkldnn:
             return packed_product(x, self.weight, self.bias)
+        if self.packed is not None and x.numel() >= self.pack_rows * x.shape[-1]:
+            return packed_product(x, self.packed, self.bias)
         return product(x, self.weight, self.bias, self.ways)
 
 
@@ -145,15 +153,14 @@ def _fastest(weights: list[torch.Tensor], rows: int, rounds: int = 3) -> tuple[d
     return times, best if times[best] < CLEARLY * times[plain] else plain
 
 
-def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> tuple[str, tuple[Way, ...]]:
-    """The layout of weights of this shape (row, column or packed) and the way to multiply per row bucket.
-    Between row and column, the layout is the one faster for a single row: the latency of decoding one
-    sequence. Packed (with `packs`) must be clearly faster for a single row or summed over the larger buckets,
-    and not clearly slower for either."""
+def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> tuple[str, tuple[Way, ...], int]:
+    """The layout of weights of this shape (row or column), the way to multiply per row bucket and, with `packs`,
+    the row count from which to multiply a packed weight instead (0: never; see `_pack_rows`). Between row and
+    column, the layout is the one faster for a single row: the latency of decoding one sequence."""
     rows_major = _stand_ins(out, inp, dtype, count)
     row_times, row_way = _fastest(rows_major, 1)
     if row_times[plain] / len(rows_major) < QUICK_S:
-        return "row", ()
+        return "row", (), 0
     cols_major = [column_major(w) for w in rows_major]
     col_times, col_way = _fastest(cols_major, 1)
     columns = min(col_times.values()) < LAYOUT_CLEARLY * min(row_times.values())
@@ -161,46 +168,71 @@ def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> 
     best = [(min((col_times if columns else row_times).values()), col_way if columns else row_way)]
     best += [(min(times.values()), way) for times, way in (_fastest(weights, n) for n in ROW_BUCKETS[1:])]
     ways = tuple(way for _, way in best)
-    return ("packed" if packs and _packing_pays(rows_major, [t for t, _ in best]) else layout), ways
+    return layout, ways, _pack_rows(rows_major, [t for t, _ in best]) if packs else 0
 
 
-def _packing_pays(weights: list[torch.Tensor], best: list[float]) -> bool:
-    """Whether the packed product beats the `best` times (per row bucket) clearly for a single row or summed over
-    the larger buckets, and is not clearly slower for either."""
+def _pack_rows(weights: list[torch.Tensor], best: list[float]) -> int:
+    """From how many rows the packed product is to be used, against the `best` times per row bucket: 1 where it
+    clearly beats them for a single row or summed over the larger buckets and is not clearly slower for either;
+    else the first row count of the smallest bucket from which it is clearly faster in every bucket; else 0."""
     packed = [pack(w) for w in weights]
     times = [min(_time(packed, torch.randn(n, weights[0].shape[1], dtype=weights[0].dtype), packed_product)
                  for _ in range(3)) for n in ROW_BUCKETS]
     pairs = ((times[0], best[0]), (sum(times[1:]), sum(best[1:])))
-    return any(p < CLEARLY * b for p, b in pairs) and all(CLEARLY * p <= b for p, b in pairs)
+    if any(p < CLEARLY * b for p, b in pairs) and all(CLEARLY * p <= b for p, b in pairs):
+        return 1
+    for k in range(1, len(ROW_BUCKETS)):
+        if all(t < CLEARLY * b for t, b in zip(times[k:], best[k:], strict=True)):
+            return ROW_BUCKETS[k - 1] + 1
+    return 0
 
 
 def tune(model: nn.Module) -> dict[tuple[int, int], str]:
     """Choose layout and way for every CPU `Linear` of a model whose weights are about to be loaded (a weight
     whose layout changes gets fresh, unset memory; one to be packed is packed by `pack_loaded` once loaded),
     timing as many stand-ins of each weight shape as the model has, up to TIMING_BYTES, so that they stream
-    from memory as the model's weights do in a forward: their values do not change the time. A weight shared
-    with another module (an LM head tied to the embedding) is never packed. Returns the choices, by shape."""
-    shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
+    from memory as the model's weights do in a forward: their values do not change the time. A weight packed
+    for batches only, or shared with another module (an LM head tied to the embedding), is packed as a copy,
+    while the weights and copies fit in COPIES_SHARE of the free memory. Returns the choices, by shape."""
+    shared = _shared(model)
     groups: dict[tuple, list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu":
             groups[(*module.weight.shape, module.weight.dtype, id(module.weight) in shared)].append(module)
+    spare = COPIES_SHARE * psutil.virtual_memory().available - sum(p.nbytes for p in model.parameters())
     chosen = {}
     with torch.inference_mode():
         for (out, inp, dtype, tied), modules in groups.items():
-            layout, ways = _choose(out, inp, dtype, len(modules), packable() and not tied)
+            layout, ways, pack_rows = _choose(out, inp, dtype, len(modules), packable())
+            replaced = pack_rows == 1 and not tied
+            copies = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
+            if copies > spare:
+                pack_rows = copies = 0
+            spare -= copies
             for m in modules:
-                if layout == "column" and m.weight.is_contiguous():  # not already column-major from an earlier tune
+                if layout == "column" and not replaced and m.weight.is_contiguous():  # not column-major already
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
                 m.ways = ways if any(way is not plain for way in ways) else ()  # () skips the bucket lookup
-                m.packs = layout == "packed"
+                m.pack_rows = pack_rows
             names = ", ".join(f"{n}: {w.__name__}" for n, w in zip(ROW_BUCKETS, ways, strict=True)) if ways else "plain"
-            chosen[(out, inp)] = "packed by oneDNN" if layout == "packed" else f"{layout}-major; {names}"
+            copy = f"; a packed copy for {pack_rows}+ rows" if copies else ""
+            chosen[(out, inp)] = "packed by oneDNN" if replaced else f"{layout}-major; {names}{copy}"
     return chosen
 
 
 def pack_loaded(model: nn.Module) -> None:
-    """Pack the loaded weights `tune` chose to pack."""
+    """Pack the loaded weights `tune` chose to pack: in place where a packed weight serves every row count and
+    no other module shares it, else as a copy beside the weight."""
+    shared = _shared(model)
     for m in model.modules():
-        if isinstance(m, Linear) and m.packs and not m.weight.is_mkldnn:
+        if not isinstance(m, Linear) or not m.pack_rows or m.weight.is_mkldnn or m.packed is not None:
+            continue
+        if m.pack_rows == 1 and id(m.weight) not in shared:
             m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
+        else:
+            m.packed = pack(m.weight)
+
+
+def _shared(model: nn.Module) -> set[int]:
+    """Ids of the parameters that a module other than a `Linear` holds (an embedding tied to the LM head)."""
+    return {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
