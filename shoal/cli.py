@@ -31,6 +31,10 @@ DiskGBOpt = Annotated[float, typer.Option("--kv-disk-gb", min=0.001, help="Disk 
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=(
     "The model's dtype: float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on a CPU; bfloat16 "
     "about doubles decode speed on CPUs with native bfloat16, such as AVX512-BF16 or AMX)."))]
+CopiesOpt = Annotated[bool, typer.Option("--packed-copies/--no-packed-copies", help=(
+    "On a CPU, keep packed copies of the weights whose batched products they speed up (default), while the weights "
+    "and copies fit in half the free memory (a worker's --max-memory-gb turns them off); --no-packed-copies gives "
+    "that memory back for slower batches."))]
 DbOpt = Annotated[str, typer.Option("--db", envvar="SHOAL_DB", help="The kudos ledger: an SQLAlchemy URL.")]
 
 
@@ -166,6 +170,7 @@ def serve(
     kv_disk_gb: DiskGBOpt = 4.0,
     n_seq_max: Annotated[int, typer.Option("--n-seq-max", min=1, help="Sequences decoded together.")] = 16,
     dtype: DtypeOpt = None,
+    packed_copies: CopiesOpt = True,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help=(
         "CPU threads for the local worker's model, which runs in a process of its own (default: one per core less "
         "one, which the HTTP server needs: math threads that share its core spin and stall)."))] = None,
@@ -203,7 +208,7 @@ def serve(
     threads = threads or max(1, torch.get_num_threads() - 1)
     disk = None if private or kv_disk_dir is None else str(kv_disk_dir)  # private: nothing of a request on disk
     config = EngineConfig(n_seq_max=n_seq_max, kv_cache_mb=kv_cache_mb, kv_disk_dir=disk, kv_disk_gb=kv_disk_gb,
-                          dtype=dtype)
+                          dtype=dtype, packed_copies=packed_copies)
     settings = ServeSettings(model, model_name, host, port, config,
                              Limits(rpm, streams, tpm), api_key or [], api_keys_file, private, local_worker,
                              worker_token or [], db, verify_rate, plan_dir, redis_url)
@@ -230,6 +235,7 @@ def worker(
     layers: Annotated[str | None, typer.Option("--layers", help="Hold only layers START:END and serve them as a "
                                                                 "pipeline stage (default: the whole model).")] = None,
     dtype: DtypeOpt = None,
+    packed_copies: CopiesOpt = True,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help=(
         "CPU threads for the model (default: torch's, one per core). Give each of several workers on one machine "
         "its share: idle math threads spin and steal the cores a busy worker needs."))] = None,
@@ -260,7 +266,8 @@ def worker(
     if threads is not None:
         set_threads(threads)
     config = EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=n_seq_max, kv_disk_dir=kv_disk_dir and str(kv_disk_dir),
-                          kv_disk_gb=kv_disk_gb, dtype=dtype)
+                          kv_disk_gb=kv_disk_gb, dtype=dtype,
+                          packed_copies=packed_copies and max_memory_gb is None)  # its budget counts weights once
     try:
         fingerprint = weights_fingerprint(model)
         if layers is None and max_memory_gb is not None:

@@ -117,6 +117,20 @@ def test_forced_layouts_and_ways_give_the_tuned_logits(hf_models, arch):
             torch.testing.assert_close(logits(), tuned, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("wanted", [True, False])
+def test_an_engines_config_says_whether_its_weights_get_packed_copies(monkeypatch, tiny_model_dir, wanted):
+    import shoal.model.matmul as matmul
+    from shoal.engine import Engine, EngineConfig
+
+    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", (), 3))
+    engine = Engine.from_dir(tiny_model_dir("llama"), EngineConfig(packed_copies=wanted))
+    try:
+        linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
+        assert linears and all((m.packed is not None) == wanted for m in linears)
+    finally:
+        engine.close()
+
+
 def test_numpy_blas_is_offered_for_float32_only():
     assert openblas in ways_for(torch.float32)
     assert openblas not in ways_for(torch.bfloat16) and openblas not in ways_for(torch.float16)
@@ -162,8 +176,9 @@ def test_a_packed_copy_serves_the_buckets_from_which_it_is_clearly_faster(monkey
     assert matmul._pack_rows([torch.ones(8, 4)], [1.0] * len(ROW_BUCKETS)) == 9
 
 
-@pytest.mark.parametrize(("free_gb", "copied"), [(64, True), (0.001, False)])
-def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypatch, hf_models, free_gb, copied):
+@pytest.mark.parametrize(("free_gb", "wanted", "copied"), [(64, True, True), (0.001, True, False), (64, False, False)])
+def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypatch, hf_models, free_gb, wanted,
+                                                                       copied):
     import psutil
 
     import shoal.model.matmul as matmul
@@ -172,7 +187,7 @@ def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypat
     reference = load_model(path, device="cpu")
     monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", (), 3))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_gb * 2**30}))
-    model = load_model(path, device="cpu")
+    model = load_model(path, device="cpu", packed_copies=wanted)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all((m.packed is not None) == copied and m.pack_rows == (3 if copied else 0) for m in linears)
     assert not any(m.weight.is_mkldnn for m in linears) and model.lm_head.weight is model.embed_tokens.weight

@@ -46,6 +46,7 @@ class EngineConfig:
     save_min_tokens: int = 64
     continued_every: int = 256
     dtype: str | None = None  # the model's: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU
+    packed_copies: bool = True  # on a CPU, packed copies of weights for batched products, memory allowing (matmul.py)
     cuda_graphs: bool = True  # on a GPU, replay ticks of at most n_seq_max tokens as CUDA graphs (model/graphs.py)
 
     @property
@@ -127,7 +128,9 @@ class Engine:
 
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
-        return cls(load_model(path, dtype=config and config.dtype), Tokenizer.from_dir(path), config)
+        config = config or EngineConfig()
+        model = load_model(path, dtype=config.dtype, packed_copies=config.packed_copies)
+        return cls(model, Tokenizer.from_dir(path), config)
 
     @property
     def context_len(self) -> int:

@@ -83,7 +83,9 @@ class StageEngine:
 
     @classmethod
     def from_dir(cls, path: str | Path, layers: tuple[int, int], config: EngineConfig | None = None) -> "StageEngine":
-        return cls(load_model(path, layers, dtype=config and config.dtype), Tokenizer.from_dir(path), config)
+        config = config or EngineConfig()
+        model = load_model(path, layers, dtype=config.dtype, packed_copies=config.packed_copies)
+        return cls(model, Tokenizer.from_dir(path), config)
 
     @property
     def context_len(self) -> int:

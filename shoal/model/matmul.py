@@ -187,19 +187,21 @@ def _pack_rows(weights: list[torch.Tensor], best: list[float]) -> int:
     return 0
 
 
-def tune(model: nn.Module) -> dict[tuple[int, int], str]:
+def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     """Choose layout and way for every CPU `Linear` of a model whose weights are about to be loaded (a weight
     whose layout changes gets fresh, unset memory; one to be packed is packed by `pack_loaded` once loaded),
     timing as many stand-ins of each weight shape as the model has, up to TIMING_BYTES, so that they stream
     from memory as the model's weights do in a forward: their values do not change the time. A weight packed
     for batches only, or shared with another module (an LM head tied to the embedding), is packed as a copy,
-    while the weights and copies fit in COPIES_SHARE of the free memory. Returns the choices, by shape."""
+    while the weights and copies fit in COPIES_SHARE of the free memory (never without `copies`). Returns the
+    choices, by shape."""
     shared = _shared(model)
     groups: dict[tuple, list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu":
             groups[(*module.weight.shape, module.weight.dtype, id(module.weight) in shared)].append(module)
-    spare = COPIES_SHARE * psutil.virtual_memory().available - sum(p.nbytes for p in model.parameters())
+    weights = sum(p.nbytes for p in model.parameters())
+    spare = COPIES_SHARE * psutil.virtual_memory().available - weights if copies else 0
     chosen = {}
     with torch.inference_mode():
         for (out, inp, dtype, tied), modules in groups.items():

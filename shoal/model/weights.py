@@ -21,9 +21,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(path: str | Path, layers: tuple[int, int] | None = None,
-               device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> Transformer:
+               device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+               packed_copies: bool = True) -> Transformer:
     """Load layers [start, end) of an HF checkpoint, reading only the tensors that range needs. The dtype
-    (or its name) defaults to bfloat16 on a GPU and float32 on a CPU."""
+    (or its name) defaults to bfloat16 on a GPU and float32 on a CPU. `packed_copies`: on a CPU, keep packed copies
+    of weights for the batches they multiply faster, memory allowing (see model/matmul.py)."""
     path = Path(path)
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise UnsupportedModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -41,7 +43,7 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
         # a 64-sequence decode step of a 0.5B model took 240-310 ms on an H100, against 20-70 ms without
         torch.backends.cuda.enable_cudnn_sdp(False)
     if device.type == "cpu":
-        choices = tune(model)
+        choices = tune(model, packed_copies)
         log.debug("linear layers tuned", extra={"choices": {f"{o}x{i}": c for (o, i), c in choices.items()}})
     files = weight_files(path)
     with ExitStack() as stack:
