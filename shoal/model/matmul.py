@@ -207,17 +207,17 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
         for (out, inp, dtype, tied), modules in groups.items():
             layout, ways, pack_rows = _choose(out, inp, dtype, len(modules), packable())
             replaced = pack_rows == 1 and not tied
-            copies = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
-            if copies > spare:
-                pack_rows = copies = 0
-            spare -= copies
+            extra = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
+            if extra > spare:
+                pack_rows = extra = 0
+            spare -= extra
             for m in modules:
                 if layout == "column" and not replaced and m.weight.is_contiguous():  # not column-major already
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
                 m.ways = ways if any(way is not plain for way in ways) else ()  # () skips the bucket lookup
                 m.pack_rows = pack_rows
             names = ", ".join(f"{n}: {w.__name__}" for n, w in zip(ROW_BUCKETS, ways, strict=True)) if ways else "plain"
-            copy = f"; a packed copy for {pack_rows}+ rows" if copies else ""
+            copy = f"; a packed copy for {pack_rows}+ rows" if extra else ""
             chosen[(out, inp)] = "packed by oneDNN" if replaced else f"{layout}-major; {names}{copy}"
     return chosen
 
