@@ -205,7 +205,8 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     chosen = {}
     with torch.inference_mode():
         for (out, inp, dtype, tied), modules in groups.items():
-            layout, ways, pack_rows = _choose(out, inp, dtype, len(modules), packable())
+            # A shared weight can only be packed as a copy: without copies, its packed products are not timed
+            layout, ways, pack_rows = _choose(out, inp, dtype, len(modules), packable() and (copies or not tied))
             replaced = pack_rows == 1 and not tied
             extra = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
             if extra > spare:
