@@ -1,12 +1,20 @@
 import pytest
 import torch
 
-from shoal.model import load_model
+from shoal.model import fused, load_model
 from shoal.model.generate import generate
 from shoal.model.kv import AttentionBatch
 
 ARCHS = ["llama", "llama-linear", "mistral", "qwen2", "qwen3"]
 LENGTHS = [11, 3, 17, 1]
+
+
+@pytest.fixture(params=[False, True], ids=["torch-ops", "fused-ops"])
+def ops(request, monkeypatch):
+    """Every elementwise chain through model/fused.py's kernels, or through torch's ops: a tiny model's tensors are
+    too small for the model to take the kernels by itself."""
+    if request.param:
+        monkeypatch.setattr(fused, "GRAIN", 0)
 
 
 def prompts(vocab: int, lengths=LENGTHS) -> list[list[int]]:
@@ -37,6 +45,7 @@ def forward_batch(model, seqs: list[list[int]], kv, block_tables, starts=None, i
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.usefixtures("ops")
 def test_batched_logits_match_transformers(hf_models, arch):
     hf, path = hf_models(arch)
     model = load_model(path, device="cpu")
@@ -50,6 +59,7 @@ def test_batched_logits_match_transformers(hf_models, arch):
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in-place"])
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.usefixtures("ops")
 def test_incremental_decode_equals_full_forward(hf_models, arch, in_place):
     _, path = hf_models(arch)
     model = load_model(path, device="cpu")
@@ -64,6 +74,7 @@ def test_incremental_decode_equals_full_forward(hf_models, arch, in_place):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.usefixtures("ops")
 def test_greedy_generation_matches_transformers(hf_models, arch):
     hf, path = hf_models(arch)
     model = load_model(path, device="cpu")
@@ -76,6 +87,7 @@ def test_greedy_generation_matches_transformers(hf_models, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.usefixtures("ops")
 def test_layer_ranges_compose_exactly(hf_models, arch):
     _, path = hf_models(arch)
     whole = load_model(path, device="cpu")
@@ -88,8 +100,10 @@ def test_layer_ranges_compose_exactly(hf_models, arch):
     n = sum(map(len, bt))
     expected = whole.compute_logits(whole(tokens, batch, whole.new_cache(n)))
     hidden = first(tokens, batch, first.new_cache(n))
+    sent = hidden.clone()
     got = second.compute_logits(second(hidden, batch, second.new_cache(n)))
     assert torch.equal(got, expected)
+    assert torch.equal(hidden, sent)  # a stage's input is not its residual stream
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

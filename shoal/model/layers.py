@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.model import paged
+from shoal.model import fused, paged
 from shoal.model.config import ModelConfig
 from shoal.model.kv import AttentionBatch, DecodeGroup, PagedKVCache, PagedRows
 from shoal.model.matmul import Linear
@@ -16,11 +16,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and fused.supports(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in fp32 as the reference implementations do; bf16 variance loses too much.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm of residual + x, and that sum: the new residual (on a CPU in float32, residual itself)."""
+        if fused.supports(x):
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = residual + x
+        return self(residual), residual
 
 
 class Attention(nn.Module):
@@ -42,14 +51,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
                 kv: PagedKVCache, layer: int) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        rotate = fused.rotate if fused.supports(qkv) else apply_rotary
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = qkv[:, :self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
-            q = apply_rotary(self.q_norm(q.view(-1, self.heads, self.head_dim)), *rope)
-            k = apply_rotary(self.k_norm(k.view(-1, self.kv_heads, self.head_dim)), *rope)
+            q = rotate(self.q_norm(q.view(-1, self.heads, self.head_dim)), *rope)
+            k = rotate(self.k_norm(k.view(-1, self.kv_heads, self.head_dim)), *rope)
         else:  # q and k are side by side: rotate them in one go
-            qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(-1, self.heads + self.kv_heads, self.head_dim),
-                              *rope)
+            qk = rotate(qkv[:, :self.q_size + self.kv_size].view(-1, self.heads + self.kv_heads, self.head_dim),
+                        *rope)
             q, k = qk[:, :self.heads], qk[:, self.heads:]
         kv.store(layer, batch.slot_mapping, k, v)
         return self.o_proj(self._attend(q, batch, kv, layer))
@@ -99,8 +109,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = F.silu(self.gate_proj(x), inplace=True)  # in place: no fresh [rows, intermediate] buffers
-        return self.down_proj(gate.mul_(self.up_proj(x)))
+        gate = self.gate_proj(x)
+        if fused.supports(gate):
+            return self.down_proj(fused.silu_mul(gate, self.up_proj(x)))
+        # in place: no fresh [rows, intermediate] buffers
+        return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -111,7 +124,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
-                kv: PagedKVCache, layer: int) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, batch, kv, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                batch: AttentionBatch, kv: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's output and the residual stream before it (their sum is the hidden state after it): each
+        residual add is done in the norm that follows it. residual is None in a range's first layer."""
+        x, residual = (self.input_layernorm(h), h) if residual is None else self.input_layernorm.add(h, residual)
+        x, residual = self.post_attention_layernorm.add(self.self_attn(x, rope, batch, kv, layer), residual)
+        return self.mlp(x), residual

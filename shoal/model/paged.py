@@ -14,6 +14,8 @@ import torch
 from numba import njit, prange
 from numba.extending import overload
 
+from shoal.model.fused import exp
+
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -92,8 +94,11 @@ def _attend(q, k, v, tables, lengths, begins, block_size, scale, out):
         for h in range(span):
             for j in range(group):
                 row = scores[h, j]
-                row[:] = np.exp(row - row.max())
-                row /= row.sum()
+                top, total = row.max(), np.float32(0.0)
+                for t in range(row.shape[0]):
+                    row[t] = exp(row[t] - top)
+                    total += row[t]
+                row /= total
         acc = np.zeros((span, group, dim), dtype=np.float32)
         for t in range(begin, end):
             vr = _row(v, tables[s, t // block_size] * block_size + t % block_size, buf)

@@ -66,11 +66,13 @@ class Transformer(nn.Module):
         start, end = self.start if start is None else start, self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise ValueError(f"layers [{start}, {end}) are not within the held range [{self.start}, {self.end})")
-        h = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype)
+        # a copy of hidden states from outside: the residual stream is added to in place
+        h = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype, copy=True)
         rope = self._rotary().cos_sin(batch.positions, h.dtype, batch.span)
+        residual = None
         for i in range(start - self.start, end - self.start):
-            h = self.layers[i](h, rope, batch, kv, i)
-        return self.norm(h) if end == self.config.num_hidden_layers else h
+            h, residual = self.layers[i](h, residual, rope, batch, kv, i)
+        return self.norm.add(h, residual)[0] if end == self.config.num_hidden_layers else h + residual
 
     def _rotary(self) -> Rotary:
         if self.rotary is None:

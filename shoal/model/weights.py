@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from shoal.model import fused
 from shoal.model.config import ModelConfig
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
 from shoal.model.matmul import pack_loaded, tune
@@ -43,6 +44,8 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
         # a 64-sequence decode step of a 0.5B model took 240-310 ms on an H100, against 20-70 ms without
         torch.backends.cuda.enable_cudnn_sdp(False)
     if device.type == "cpu":
+        if dtype == torch.float32:
+            fused.warm()
         choices = tune(model, packed_copies)
         log.debug("linear layers tuned", extra={"choices": {f"{o}x{i}": c for (o, i), c in choices.items()}})
     files = weight_files(path)

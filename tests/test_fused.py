@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+from shoal.model import fused
+from shoal.model.rope import apply_rotary
+
+
+@njit
+def _exp_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = fused.exp(x[i])
+
+
+def test_exp_is_within_a_few_roundings_and_is_0_below_float32s_range_and_finite_above():
+    x = np.linspace(-87, 87.9, 200_001, dtype=np.float32)
+    out = np.empty_like(x)
+    _exp_all(x, out)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - exact) / exact) < 5e-7
+    ends = np.array([-np.inf, -1e30, -88, 89, 1e30, np.inf], dtype=np.float32)
+    _exp_all(ends, out[:6])
+    assert out[:3].tolist() == [0, 0, 0] and out[3:6].tolist() == [np.exp(np.float32(88))] * 3
+
+
+def test_only_cpu_float32_tensors_that_torch_would_split_take_the_kernels():
+    assert fused.supports(torch.zeros(64, 896))
+    assert not fused.supports(torch.zeros(1, 896))  # one sequence's decode: torch's op runs on the calling thread
+    assert not fused.supports(torch.zeros(64, 896, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", [40, 512])
+def test_add_rms_norm_adds_into_the_residual_and_norms_the_sum(rows):
+    x, residual, weight = torch.randn(rows, 896), torch.randn(rows, 896), torch.randn(896)
+    total = residual + x
+    normed, stream = fused.add_rms_norm(x, residual, weight, 1e-6)
+    assert stream is residual and torch.equal(residual, total)
+    torch.testing.assert_close(normed, F.rms_norm(total, (896,), weight, 1e-6), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(fused.rms_norm(x, weight, 1e-6), F.rms_norm(x, (896,), weight, 1e-6),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_silu_mul_writes_into_gate():
+    gate, up = torch.randn(64, 4864) * 40, torch.randn(64, 4864)  # past exp's range both ways
+    expected = F.silu(gate) * up
+    out = fused.silu_mul(gate, up)
+    assert out is gate
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rotate_turns_a_strided_view_in_place_as_apply_rotary_does():
+    qkv = torch.randn(64, 18 * 64)
+    q = qkv[:, :16 * 64].view(64, 16, 64)  # q and k heads of a fused projection: rows are strided
+    cos, sin = torch.randn(64, 1, 64), torch.randn(64, 1, 64)
+    expected, rest = apply_rotary(q, cos, sin), qkv[:, 16 * 64:].clone()
+    fused.rotate(q, cos, sin)
+    torch.testing.assert_close(q, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, 16 * 64:], rest)
