@@ -6,7 +6,7 @@ from tokenizers import AddedToken
 
 from shoal.engine.blocks import BlockManager
 from shoal.engine.params import SamplingParams
-from shoal.engine.sampler import Sampler
+from shoal.engine.sampler import Sampler, inverse_cdf, pick
 from shoal.engine.scheduler import Scheduler
 from shoal.engine.sequence import Sequence
 from shoal.engine.stream import TextStream, marker_ids
@@ -170,3 +170,18 @@ def test_plain_requests_sampled_together_take_the_tokens_each_takes_alone():
     assert not any(Sampler.plain(seq([0], **p)) for p in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1),
                                                           dict(logit_bias={1: 1.0}), dict(repetition_penalty=1.1),
                                                           dict(logprobs=2), dict(min_tokens=3)))
+
+
+def test_pick_takes_the_token_of_an_exact_inverse_cdf_over_a_large_vocabulary():
+    logits = torch.randn(4, 151_936, generator=torch.Generator().manual_seed(0)) * 3
+    for row in logits:
+        for u in (0.0, 0.1, 0.37, 0.5, 0.9, 0.999999):
+            exact = inverse_cdf(torch.softmax(row.double() / 0.7, -1), torch.tensor(u, dtype=torch.float64))
+            assert pick(row, 1 / 0.7, u) == int(exact)
+
+
+def test_pick_never_takes_a_token_truncated_to_minus_inf():
+    logits = torch.full((5000,), -float("inf"))
+    logits[[7, 2100, 4999]] = torch.tensor([0.0, 1.0, 0.5])
+    assert {pick(logits, 1.0, u / 50) for u in range(50)} == {7, 2100, 4999}
+    assert pick(logits, 1.0, 0.999999) == 4999 and pick(logits, 1.0, 0.0) == 7
