@@ -101,7 +101,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def pick(logits: torch.Tensor, scale: float, u: float) -> int:
     """The token draw u takes by the inverse CDF of softmax(logits * scale), logits [vocab] float32 on a CPU: the
     first whose cumulative probability passes u, as `inverse_cdf` finds it, without its probabilities and cumulative
-    sums over the whole vocabulary (two torch ops a pass: 23 ms for 64 rows of a 152k vocabulary, against 3)."""
+    sums over the whole vocabulary (sampling 64 rows of a 152k vocabulary: 23 ms with them, 7.5-9 without)."""
     x = logits.contiguous().numpy()
     return int(_pick(x, np.float32(logits.max()), np.float32(scale), np.float32(u), np.empty(-(-len(x) // CHUNK))))
 
