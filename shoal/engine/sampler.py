@@ -2,6 +2,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from shoal.engine.params import SamplingParams
 from shoal.engine.sequence import Sequence
 from shoal.model.fused import exp
 from shoal.model.tokenizer import Tokenizer
@@ -22,7 +23,7 @@ class Sampler:
         p = seq.params
         if p.temperature == 0:
             token = int(x.argmax())
-        elif p.top_k or p.top_p < 1.0 or p.min_p:
+        elif truncates(p):
             token = pick(self.truncate(x / p.temperature, seq), 1.0, draw(seq.generator))
         else:
             token = pick(x, 1 / p.temperature, draw(seq.generator))
@@ -33,8 +34,8 @@ class Sampler:
         """Whether the request sets nothing but a temperature: its token is sampled alike by `sample_plain`."""
         p = seq.params
         return (not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty and len(seq.completion_ids) >= p.min_tokens and not p.top_k
-                and p.top_p >= 1.0 and not p.min_p and p.logprobs is None)
+                and not p.frequency_penalty and len(seq.completion_ids) >= p.min_tokens and not truncates(p)
+                and p.logprobs is None)
 
     @staticmethod
     def sample_plain(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -87,6 +88,11 @@ class Sampler:
             probs = x.softmax(-1)
             x = x.masked_fill(probs < p.min_p * probs.max(), -float("inf"))
         return x
+
+
+def truncates(p: SamplingParams) -> bool:
+    """Whether top_k, top_p or min_p leave some tokens out (`Sampler.truncate`)."""
+    return bool(p.top_k or p.top_p < 1.0 or p.min_p)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
