@@ -6,7 +6,7 @@ from tokenizers import AddedToken
 
 from shoal.engine.blocks import BlockManager
 from shoal.engine.params import SamplingParams
-from shoal.engine.sampler import Sampler, inverse_cdf, pick
+from shoal.engine.sampler import Sampler, inverse_cdf, pick, pick_rows
 from shoal.engine.scheduler import Scheduler
 from shoal.engine.sequence import Sequence
 from shoal.engine.stream import TextStream, marker_ids
@@ -178,6 +178,15 @@ def test_pick_takes_the_token_of_an_exact_inverse_cdf_over_a_large_vocabulary():
         for u in (0.0, 0.1, 0.37, 0.5, 0.9, 0.999999):
             exact = inverse_cdf(torch.softmax(row.double() / 0.7, -1), torch.tensor(u, dtype=torch.float64))
             assert pick(row, 1 / 0.7, u) == int(exact)
+
+
+def test_pick_rows_takes_each_rows_own_pick_or_argmax_over_a_large_vocabulary():
+    logits = torch.randn(9, 151_936, generator=torch.Generator().manual_seed(1)) * 3
+    scales = [1 / 0.7, 0.0, 1.0, 1 / 1.3, 0.0, 5.0, 1 / 0.7, 1.0, 2.0]
+    us = [0.0, 0.0, 0.37, 0.5, 0.0, 0.9, 0.999999, 0.1, 0.61]
+    alone = [pick(row, s, u) if s else int(row.argmax()) for row, s, u in zip(logits, scales, us, strict=True)]
+    assert pick_rows(logits, scales, us) == alone
+    assert pick_rows(logits[::2], scales[::2], us[::2]) == alone[::2]  # rows of a strided view
 
 
 def test_pick_never_takes_a_token_truncated_to_minus_inf():

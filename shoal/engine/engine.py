@@ -209,13 +209,13 @@ class Engine:
         self.runner.copy(self.scheduler.take_copies())
         try:
             hidden = self.runner.forward(batch)
-            logits = self.runner.logits(hidden, batch)
+            seqs, logits = self.runner.logits(hidden, batch)
         except Exception as e:
             log.exception("forward failed")
             for seq, _ in batch:
                 self._finish(seq, "error", f"forward failed: {e!r}")
             return
-        self._postprocess(batch, logits)
+        self._postprocess(batch, seqs, logits)
 
     def _drain(self, block: bool, timeout: float | None = None) -> None:
         try:
@@ -256,9 +256,11 @@ class Engine:
             elif now - seq.paused_since > self.config.stall_timeout_s:
                 self._finish(seq, "timeout", f"the client read nothing for {self.config.stall_timeout_s} s")
 
-    def _postprocess(self, batch: list[tuple[Sequence, int]], logits: dict[Sequence, torch.Tensor]) -> None:
+    def _postprocess(self, batch: list[tuple[Sequence, int]], seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Advance the batch's sequences; sample the next token of those with logits (seqs, rows of logits)."""
+        rows = dict(zip(seqs, logits, strict=True))
         try:
-            together = self._sample_together(logits)
+            together = self._sample_together(seqs, logits)
         except Exception:
             log.exception("batched sampling failed; sampling one by one")
             together = {}
@@ -268,21 +270,23 @@ class Engine:
             if seq.state != State.ACTIVE:
                 seq.mark(State.ACTIVE)
                 self._last_hit = {"kind": seq.cache_hit_kind, "prefix_len": seq.cached_tokens}
-            if seq in logits:
+            if seq in rows:
                 try:
-                    self._append(seq, together.get(seq) or self.sampler.sample(logits[seq].cpu(), seq))
+                    self._append(seq, together.get(seq) or self.sampler.sample(rows[seq].cpu(), seq))
                 except Exception as e:
                     log.exception("sampling failed for %s", seq.id)
                     self._finish(seq, "error", f"sampling failed: {e!r}")
 
-    def _sample_together(self, logits: dict[Sequence, torch.Tensor]) -> dict[Sequence, tuple[int, None]]:
-        """On a GPU, the tokens of the sequences that set nothing but a temperature, in one batched pass; the
-        others (and all on a CPU) are sampled one by one, so that an error fails its own request only."""
-        seqs = [seq for seq, row in logits.items() if row.is_cuda and self.sampler.plain(seq)]
-        if not seqs:
+    def _sample_together(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[Sequence, tuple[int, None]]:
+        """The tokens of the sequences that set nothing but a temperature, in one batched pass; the others are
+        sampled one by one, so that an error fails its own request only."""
+        plain = [i for i, seq in enumerate(seqs) if self.sampler.plain(seq)]
+        if not plain:
             return {}
-        tokens = self.sampler.sample_plain(torch.stack([logits[seq] for seq in seqs]), seqs)
-        return {seq: (token, None) for seq, token in zip(seqs, tokens, strict=True)}
+        chosen = [seqs[i] for i in plain]
+        rows = logits if len(plain) == len(seqs) else logits[torch.tensor(plain, device=logits.device)]
+        tokens = self.sampler.sample_plain(rows, chosen)
+        return {seq: (token, None) for seq, token in zip(chosen, tokens, strict=True)}
 
     def _append(self, seq: Sequence, sampled: tuple[int, dict | None]) -> None:
         _, stream, text = self._requests[seq.id]

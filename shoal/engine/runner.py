@@ -41,8 +41,9 @@ class Runner:
                                     self.model.device, self.kv.in_place)
         return self.model(torch.tensor(ids, device=self.model.device), meta, self.kv)
 
-    def logits(self, hidden: torch.Tensor, batch: list[tuple[Sequence, int]]) -> dict[Sequence, torch.Tensor]:
-        """fp32 logits, on the model's device, of each sequence whose chunk reaches its last token."""
+    def logits(self, hidden: torch.Tensor, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """The sequences whose chunk reaches their last token, and their fp32 logits [n, vocab] in that order, on
+        the model's device."""
         rows, seqs, end = [], [], 0
         for seq, n in batch:
             end += n
@@ -50,6 +51,5 @@ class Runner:
                 rows.append(end - 1)
                 seqs.append(seq)
         if not rows:
-            return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
-        return dict(zip(seqs, logits, strict=True))
+            return [], hidden.new_empty(0, 0)
+        return seqs, self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
