@@ -44,13 +44,12 @@ class Sampler:
         from each request's generator (on a GPU one copy back, not a row each; on a CPU the rows split among the
         threads)."""
         temps = [s.params.temperature for s in seqs]
+        us = [draw(s.generator) if t else 0.0 for s, t in zip(seqs, temps, strict=True)]
         if logits.device.type == "cpu":
-            return pick_rows(logits, [1 / t if t else 0.0 for t in temps],
-                             [draw(s.generator) if t else 0.0 for s, t in zip(seqs, temps, strict=True)])
+            return pick_rows(logits, [1 / t if t else 0.0 for t in temps], us)
         greedy = torch.tensor([t == 0 for t in temps], device=logits.device)
         scale = torch.tensor([t or 1.0 for t in temps], device=logits.device, dtype=logits.dtype)
-        u = torch.tensor([draw(s.generator) if t else 0.0 for s, t in zip(seqs, temps, strict=True)],
-                         device=logits.device, dtype=logits.dtype)
+        u = torch.tensor(us, device=logits.device, dtype=logits.dtype)
         drawn = inverse_cdf(torch.softmax(logits / scale[:, None], dim=-1), u)
         return torch.where(greedy, logits.argmax(-1), drawn).tolist()
 
