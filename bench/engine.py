@@ -109,7 +109,7 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 1024) 
     a packed weight, and numpy's for float32): the engine may use any, so the fraction is taken of the best."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = best_seconds(lambda: a @ b, device, repeats=10)
-    if device.type == "cpu" and packable():
+    if device.type == "cpu" and packable(dtype):
         packed = pack(b.T)
         seconds = min(seconds, best_seconds(lambda: packed_product(a, packed), device, repeats=10))
     if device.type == "cpu" and dtype == torch.float32:

@@ -17,6 +17,7 @@ from shoal.model.matmul import (
     flipped,
     openblas,
     pack,
+    packable,
     packed_product,
     plain,
     product,
@@ -71,6 +72,8 @@ def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packed_weights_give_the_logits_of_plain_ones(hf_models, dtype):
+    if not packable(getattr(torch, dtype)):
+        pytest.skip(f"oneDNN packs no {dtype} weights on this CPU ({torch.backends.cpu.get_cpu_capability()})")
     _, path = hf_models("qwen2")
     model = load_model(path, device="cpu", dtype=dtype)
     seqs = prompts(model.config.vocab_size, [9, 1, 4])
@@ -87,6 +90,18 @@ def test_packed_weights_give_the_logits_of_plain_ones(hf_models, dtype):
         m.weight = torch.nn.Parameter(pack(m.weight), requires_grad=False)
     tolerance = 1e-4 if dtype == "float32" else 0.1
     torch.testing.assert_close(logits(), plain_logits, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_model_loads_on_any_cpu_packed_only_where_onednn_can(hf_models, dtype):
+    # An AVX2-only CPU cannot pack these dtypes: loading tried, and failed with oneDNN's error
+    _, path = hf_models("qwen2")
+    model = load_model(path, device="cpu", dtype=dtype)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not packable(model.dtype):
+        assert not any(m.weight.is_mkldnn or m.packed is not None for m in linears)
+    seqs, bt = prompts(model.config.vocab_size, [9, 1, 4]), tables([9, 1, 4])
+    assert torch.isfinite(forward_batch(model, seqs, model.new_cache(sum(map(len, bt))), bt)).all()
 
 
 def dense(weight: torch.Tensor) -> torch.Tensor:

@@ -58,8 +58,16 @@ def openblas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(x.numpy() @ weight.detach().numpy().T)
 
 
-def packable() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype on this CPU: bfloat16 and float16 need AVX-512 (or AVX-NE-CONVERT)
+    instructions that many CPUs lack, AVX2-only ones among them."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return dtype == torch.float32
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -206,7 +214,7 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     with torch.inference_mode():
         for (out, inp, dtype, tied), modules in groups.items():
             # A shared weight can only be packed as a copy: without copies, its packed products are not timed
-            layout, ways, pack_rows = _choose(out, inp, dtype, len(modules), packable() and (copies or not tied))
+            layout, ways, pack_rows = _choose(out, inp, dtype, len(modules), packable(dtype) and (copies or not tied))
             replaced = pack_rows == 1 and not tied
             extra = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
             if extra > spare:
