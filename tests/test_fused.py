@@ -25,13 +25,16 @@ def test_exp_is_within_a_few_roundings_and_is_0_below_float32s_range_and_finite_
     assert out[:3].tolist() == [0, 0, 0] and out[3:6].tolist() == [np.exp(np.float32(88))] * 3
 
 
-def test_only_cpu_float32_tensors_that_torch_would_split_take_the_kernels():
-    assert fused.supports(torch.zeros(64, 896))
-    assert not fused.supports(torch.zeros(1, 896))  # one sequence's decode: torch's op runs on the calling thread
+def test_cpu_float32_tensors_take_the_kernels_split_among_threads_from_torchs_grain_on():
+    assert fused.supports(torch.zeros(64, 896)) and fused.supports(torch.zeros(1, 896))
     assert not fused.supports(torch.zeros(64, 896, dtype=torch.bfloat16))
+    assert fused._pick(fused._NORM, torch.zeros(64, 896)) is fused._norm
+    # one sequence's decode: on the calling thread, as torch would run it, but one pass
+    on_caller = fused._pick(fused._NORM, torch.zeros(1, 896))
+    assert on_caller is not fused._norm and not on_caller.targetoptions.get("parallel")
 
 
-@pytest.mark.parametrize("rows", [40, 512])
+@pytest.mark.parametrize("rows", [1, 40, 512])
 def test_add_rms_norm_adds_into_the_residual_and_norms_the_sum(rows):
     x, residual, weight = torch.randn(rows, 896), torch.randn(rows, 896), torch.randn(896)
     total = residual + x
@@ -42,18 +45,20 @@ def test_add_rms_norm_adds_into_the_residual_and_norms_the_sum(rows):
                                atol=2e-6, rtol=1e-5)
 
 
-def test_silu_mul_writes_into_gate():
-    gate, up = torch.randn(64, 4864) * 40, torch.randn(64, 4864)  # past exp's range both ways
+@pytest.mark.parametrize("rows", [1, 64])
+def test_silu_mul_writes_into_gate(rows):
+    gate, up = torch.randn(rows, 4864) * 40, torch.randn(rows, 4864)  # past exp's range both ways
     expected = F.silu(gate) * up
     out = fused.silu_mul(gate, up)
     assert out is gate
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_rotate_turns_a_strided_view_in_place_as_apply_rotary_does():
-    qkv = torch.randn(64, 18 * 64)
-    q = qkv[:, :16 * 64].view(64, 16, 64)  # q and k heads of a fused projection: rows are strided
-    cos, sin = torch.randn(64, 1, 64), torch.randn(64, 1, 64)
+@pytest.mark.parametrize("rows", [1, 64])
+def test_rotate_turns_a_strided_view_in_place_as_apply_rotary_does(rows):
+    qkv = torch.randn(rows, 18 * 64)
+    q = qkv[:, :16 * 64].view(rows, 16, 64)  # q and k heads of a fused projection: rows are strided
+    cos, sin = torch.randn(rows, 1, 64), torch.randn(rows, 1, 64)
     expected, rest = apply_rotary(q, cos, sin), qkv[:, 16 * 64:].clone()
     fused.rotate(q, cos, sin)
     torch.testing.assert_close(q, expected, atol=1e-6, rtol=1e-6)

@@ -9,11 +9,13 @@ ARCHS = ["llama", "llama-linear", "mistral", "qwen2", "qwen3"]
 LENGTHS = [11, 3, 17, 1]
 
 
-@pytest.fixture(params=[False, True], ids=["torch-ops", "fused-ops"])
+@pytest.fixture(params=["torch", "on-caller", "threaded"], ids=lambda p: f"{p}-ops")
 def ops(request, monkeypatch):
-    """Every elementwise chain through model/fused.py's kernels, or through torch's ops: a tiny model's tensors are
-    too small for the model to take the kernels by itself."""
-    if request.param:
+    """Every elementwise chain through torch's ops, or through model/fused.py's kernels on the calling thread (a tiny
+    model's tensors take these by themselves), or split among numba's threads."""
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "supports", lambda x: False)
+    elif request.param == "threaded":
         monkeypatch.setattr(fused, "GRAIN", 0)
 
 
