@@ -25,13 +25,45 @@ def test_exp_is_within_a_few_roundings_and_is_0_below_float32s_range_and_finite_
     assert out[:3].tolist() == [0, 0, 0] and out[3:6].tolist() == [np.exp(np.float32(88))] * 3
 
 
-def test_cpu_float32_tensors_take_the_kernels_split_among_threads_from_torchs_grain_on():
-    assert fused.supports(torch.zeros(64, 896)) and fused.supports(torch.zeros(1, 896))
-    assert not fused.supports(torch.zeros(64, 896, dtype=torch.bfloat16))
+def test_cpu_float32_and_bfloat16_tensors_take_the_kernels_split_among_threads_from_torchs_grain_on():
+    assert fused.supports(torch.zeros(64, 896)) and fused.supports(torch.zeros(1, 896, dtype=torch.bfloat16))
+    assert not fused.supports(torch.zeros(64, 896, dtype=torch.float16))
     assert fused._pick(fused._NORM, torch.zeros(64, 896)) is fused._norm
     # one sequence's decode: on the calling thread, as torch would run it, but one pass
     on_caller = fused._pick(fused._NORM, torch.zeros(1, 896))
     assert on_caller is not fused._norm and not on_caller.targetoptions.get("parallel")
+
+
+@njit
+def _round_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = fused.narrow(out, x[i])
+
+
+def test_narrow_rounds_to_the_nearest_bfloat16_ties_to_even_as_torch_does():
+    x = torch.cat([torch.randn(100_000) * 1e3, torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3e38, 0.0])])
+    out = torch.empty(len(x), dtype=torch.bfloat16)
+    _round_all(x.numpy(), fused.array(out))
+    assert torch.equal(out, x.bfloat16())
+
+
+# each chain rounds to bfloat16 once, where torch rounds after every op: within a rounding or two of float32 math
+BF16 = dict(atol=1e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_bfloat16_chains_are_float32_math_rounded_once(rows):
+    x, residual, weight = (torch.randn(*shape).bfloat16() for shape in ((rows, 896), (rows, 896), (896,)))
+    total = (residual.float() + x.float()).bfloat16()
+    normed, stream = fused.add_rms_norm(x, residual, weight, 1e-6)
+    assert stream is residual and torch.equal(residual, total) and normed.dtype == torch.bfloat16
+    torch.testing.assert_close(normed.float(), F.rms_norm(total.float(), (896,), weight.float(), 1e-6), **BF16)
+    gate, up = (torch.randn(rows, 4864) * 40).bfloat16(), torch.randn(rows, 4864).bfloat16()
+    expected = F.silu(gate.float()) * up.float()
+    torch.testing.assert_close(fused.silu_mul(gate, up).float(), expected, **BF16)
+    q, cos, sin = (torch.randn(*shape).bfloat16() for shape in ((rows, 16, 64), (rows, 1, 64), (rows, 1, 64)))
+    expected = apply_rotary(q.float(), cos.float(), sin.float())
+    torch.testing.assert_close(fused.rotate(q, cos, sin).float(), expected, **BF16)
 
 
 @pytest.mark.parametrize("rows", [1, 40, 512])

@@ -123,3 +123,16 @@ def test_decoding_sequences_of_far_apart_lengths_attend_in_groups_and_match_each
     for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         alone = forward_batch(model, [s[-1:]], kv, [bt[i]], [n])
         torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.usefixtures("ops")
+def test_bfloat16_logits_are_transformers_float32_ones_within_bfloat16s_rounding(hf_models, arch):
+    hf, path = hf_models(arch)
+    model = load_model(path, device="cpu", dtype="bfloat16")
+    seqs = prompts(model.config.vocab_size)
+    bt = tables(LENGTHS)
+    logits = forward_batch(model, seqs, model.new_cache(sum(map(len, bt))), bt).float().split(LENGTHS)
+    for ids, got in zip(seqs, logits, strict=True):
+        expected = hf_logits(hf, ids)
+        assert (got - expected).abs().max() < 0.03 * expected.abs().max()

@@ -14,9 +14,7 @@ import torch
 from numba import njit, prange
 from numba.extending import overload
 
-from shoal.model.fused import exp
-
-DTYPES = (torch.float32, torch.bfloat16)
+from shoal.model.fused import DTYPES, array, exp, wide
 
 
 def supports(cache: torch.Tensor) -> bool:
@@ -44,8 +42,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: np.ndarray
     kv_heads = k.shape[1]
     grouped = q.float().view(n, kv_heads, heads // kv_heads, dim).numpy()
     out = np.empty_like(grouped)
-    k, v = (c.numpy() if c.dtype == torch.float32 else c.view(torch.uint16).numpy() for c in (k, v))
-    _attend(grouped, k, v, tables, lengths, begins, block_size, np.float32(dim ** -0.5), out)
+    _attend(grouped, array(k), array(v), tables, lengths, begins, block_size, np.float32(dim ** -0.5), out)
     return torch.from_numpy(out).view(n, heads * dim).to(q.dtype)
 
 
@@ -61,10 +58,9 @@ def _row_impl(cache, slot, buf):
         return lambda cache, slot, buf: cache[slot]
 
     def widen(cache, slot, buf):
-        bits = buf.view(np.uint32)
         for h in range(buf.shape[0]):
             for e in range(buf.shape[1]):
-                bits[h, e] = np.uint32(cache[slot, h, e]) << 16
+                buf[h, e] = wide(cache[slot, h, e])
         return buf
 
     return widen

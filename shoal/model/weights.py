@@ -44,8 +44,8 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
         # a 64-sequence decode step of a 0.5B model took 240-310 ms on an H100, against 20-70 ms without
         torch.backends.cuda.enable_cudnn_sdp(False)
     if device.type == "cpu":
-        if dtype == torch.float32:
-            fused.warm()
+        if dtype in fused.DTYPES:
+            fused.warm(dtype)
         choices = tune(model, packed_copies)
         log.debug("linear layers tuned", extra={"choices": {f"{o}x{i}": c for (o, i), c in choices.items()}})
     files = weight_files(path)
