@@ -29,8 +29,8 @@ DiskOpt = Annotated[Path | None, typer.Option("--kv-disk-dir", envvar="SHOAL_KV_
     "Keep the prefix cache on disk here too: it survives restarts and grows past RAM (off with --private)."))]
 DiskGBOpt = Annotated[float, typer.Option("--kv-disk-gb", min=0.001, help="Disk budget of the prefix cache, in GB.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=(
-    "The model's dtype: float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on a CPU; bfloat16 "
-    "about doubles decode speed on CPUs with native bfloat16, such as AVX512-BF16 or AMX)."))]
+    "The model's dtype: float32, bfloat16 or float16 (default: bfloat16 on a GPU; on a CPU, a bfloat16 checkpoint "
+    "stays bfloat16 where the CPU has bfloat16 instructions, AVX512-BF16 or AMX, and everything else is float32)."))]
 CopiesOpt = Annotated[bool, typer.Option("--packed-copies/--no-packed-copies", help=(
     "On a CPU, keep packed copies of the weights whose batched products they speed up (default), while the weights "
     "and copies fit in half the free memory (a worker's --max-memory-gb turns them off); --no-packed-copies gives "

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from shoal.model import ModelConfig, load_model
+from shoal.model import ModelConfig, load_model, weights
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
 
 
@@ -31,6 +31,17 @@ def test_sharded_checkpoint_loads_same_weights(hf_models, tmp_path):
     sharded, single = load_model(tmp_path, device="cpu"), load_model(path, device="cpu")
     for (name, a), (_, b) in zip(sharded.named_parameters(), single.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bfloat16-cpu", "other-cpu"])
+def test_a_bfloat16_checkpoint_stays_bfloat16_on_a_cpu_only_where_the_cpu_has_bfloat16_instructions(
+        llama_dir, monkeypatch, native):
+    monkeypatch.setattr(weights, "native_bfloat16", lambda: native)
+    assert load_model(llama_dir, device="cpu").dtype == torch.float32  # a float32 checkpoint
+    for named in (dict(dtype="bfloat16"), dict(dtype=None, torch_dtype="bfloat16")):  # transformers' new and old key
+        edit_config(llama_dir, **named)
+        assert load_model(llama_dir, device="cpu").dtype == (torch.bfloat16 if native else torch.float32)
+    assert load_model(llama_dir, device="cpu", dtype="float32").dtype == torch.float32
 
 
 def test_layer_range_holds_only_its_tensors(hf_models):

@@ -34,6 +34,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
+    checkpoint_dtype: str | None = None  # the dtype the weights were saved in, as config.json names it
 
     @property
     def rope_type(self) -> str:
@@ -79,6 +80,7 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            checkpoint_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )
 
 

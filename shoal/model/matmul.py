@@ -15,9 +15,12 @@ than the plain product. Where oneDNN's packed product is clearly faster for batc
 weight as it was the single rows, if memory allows.
 """
 
+import functools
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import torch
@@ -68,6 +71,17 @@ def packable(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()
     return dtype == torch.float32
+
+
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 with instructions of its own (AVX512-BF16 or AMX) and oneDNN packs it:
+    elsewhere oneDNN emulates bfloat16, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return packable(torch.bfloat16) and re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from shoal.model import fused
 from shoal.model.config import ModelConfig
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
-from shoal.model.matmul import pack_loaded, tune
+from shoal.model.matmul import native_bfloat16, pack_loaded, tune
 from shoal.model.transformer import Transformer
 
 log = logging.getLogger("shoal.model")
@@ -21,19 +21,25 @@ FUSED = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU. On a CPU, a bfloat16 checkpoint stays bfloat16 where the CPU multiplies it natively (half
+    the memory; a 0.5B model served 124 against 64 tokens/s on an AMX Xeon), and everything else is float32."""
+    native = device.type == "cpu" and config.checkpoint_dtype == "bfloat16" and native_bfloat16()
+    return torch.bfloat16 if device.type == "cuda" or native else torch.float32
+
+
 def load_model(path: str | Path, layers: tuple[int, int] | None = None,
                device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                packed_copies: bool = True) -> Transformer:
     """Load layers [start, end) of an HF checkpoint, reading only the tensors that range needs. The dtype
-    (or its name) defaults to bfloat16 on a GPU and float32 on a CPU. `packed_copies`: on a CPU, keep packed copies
-    of weights for the batches they multiply faster, memory allowing (see model/matmul.py)."""
+    (or its name) defaults to `default_dtype`'s. `packed_copies`: on a CPU, keep packed copies of weights for the
+    batches they multiply faster, memory allowing (see model/matmul.py)."""
     path = Path(path)
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise UnsupportedModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     config = ModelConfig.from_dir(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or (torch.bfloat16 if device.type == "cuda"
-                                                                   else torch.float32)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or default_dtype(config, device)
     start, end = layers or (0, config.num_hidden_layers)
     with torch.device("meta"):
         model = Transformer(config, start, end)
