@@ -272,7 +272,7 @@ def worker(
         fingerprint = weights_fingerprint(model)
         if layers is None and max_memory_gb is not None:
             layers = _pick_layers(coordinator, token, model, model_name or model.resolve().name, fingerprint,
-                                  max_memory_gb)
+                                  max_memory_gb, dtype)
         with err.status(f"Loading {model} ..."):
             engine = (StageEngine.from_dir(model, _layers(layers), config) if layers
                       else EngineProcess(model, config, threads))
@@ -299,14 +299,16 @@ def _run_fast(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _pick_layers(coordinator: str, token: str, model: Path, name: str, fingerprint: str,
-                 max_memory_gb: float) -> str | None:
+                 max_memory_gb: float, dtype: str | None) -> str | None:
     """The range this worker should hold (None: the whole model fits), by Petals' rule over what the swarm has."""
     import httpx
 
     from shoal.coordinator.routes import Offer, choose_range
-    from shoal.model.weights import layer_sizes
+    from shoal.model import ModelConfig
+    from shoal.model.weights import default_device, layer_sizes, resolve_dtype
 
-    n_layers, per_layer, other = layer_sizes(model)
+    # what the layers take in memory, in the dtype they will load in: a bfloat16 checkpoint loaded as float32 doubles
+    n_layers, per_layer, other = layer_sizes(model, resolve_dtype(ModelConfig.from_dir(model), default_device(), dtype))
     fits = int((max_memory_gb * 2**30 - other) // per_layer)
     if fits < 1:
         raise ValueError(f"--max-memory-gb {max_memory_gb} holds no layer of {name} (one layer and the embedding "

@@ -44,6 +44,14 @@ def test_a_bfloat16_checkpoint_stays_bfloat16_on_a_cpu_only_where_the_cpu_has_bf
     assert load_model(llama_dir, device="cpu", dtype="float32").dtype == torch.float32
 
 
+def test_layer_sizes_count_the_bytes_of_the_dtype_the_layers_load_in(llama_dir):
+    model = load_model(llama_dir, device="cpu", dtype="float32")
+    n, per_layer, other = weights.layer_sizes(llama_dir)  # a float32 checkpoint: as stored
+    assert n == model.num_layers and per_layer * n + other == sum(p.nbytes for p in model.parameters())
+    assert weights.layer_sizes(llama_dir, torch.bfloat16) == (n, per_layer // 2, other // 2)
+    assert weights.layer_sizes(llama_dir, torch.float32) == (n, per_layer, other)
+
+
 def test_layer_range_holds_only_its_tensors(hf_models):
     _, path = hf_models("llama")
     whole, middle = load_model(path, device="cpu"), load_model(path, (1, 3), "cpu")

@@ -45,7 +45,7 @@ class EngineConfig:
     kv_disk_gb: float = 4.0
     save_min_tokens: int = 64
     continued_every: int = 256
-    dtype: str | None = None  # the model's: float32, bfloat16 or float16; None: load_model's default_dtype
+    dtype: str | None = None  # the model's: float32, bfloat16 or float16; None: load_model's choice (resolve_dtype)
     packed_copies: bool = True  # on a CPU, packed copies of weights for batched products, memory allowing (matmul.py)
     cuda_graphs: bool = True  # on a GPU, replay ticks of at most n_seq_max tokens as CUDA graphs (model/graphs.py)
 
