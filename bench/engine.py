@@ -76,15 +76,18 @@ def hf_throughput(hf: transformers.PreTrainedModel, batch: list[list[int]], new_
 
 
 def forward_flops(model: Transformer, batch: list[list[int]], new_tokens: int) -> float:
-    """Matmul FLOPs of a run: 2 per weight per token through the layers, the LM head per sampled token,
-    and attention (QK and PV) over each token's context in every layer."""
+    """Matmul FLOPs of a run: 2 per weight per token through the layers (but the last layer's attention output
+    and MLP, which a prompt token skips unless it is sampled), the LM head per sampled token, and attention
+    (QK and PV) over each token's context in every layer."""
     c = model.config
     layer_weights = sum(p.numel() for n, p in model.layers.named_parameters() if n.endswith("proj.weight"))
+    skipped = sum(p.numel() for n, p in model.layers[-1].named_parameters()
+                  if n.endswith("proj.weight") and not n.endswith("qkv_proj.weight"))
     attn_width = c.num_attention_heads * c.head_dim
     flops = 0.0
     for p in batch:
         total = len(p) + new_tokens
-        flops += 2 * layer_weights * total + 2 * c.vocab_size * c.hidden_size * new_tokens
+        flops += 2 * layer_weights * total - 2 * skipped * (len(p) - 1) + 2 * c.vocab_size * c.hidden_size * new_tokens
         flops += 4 * attn_width * total * (total + 1) / 2 * model.num_layers
     return flops
 

@@ -55,12 +55,11 @@ def test_only_caches_it_reads_attend_in_place():
     assert not PagedKVCache(1, 2, 2, 8, dtype=torch.float16).in_place  # numba has no float16
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_a_tick_of_prefill_chunks_and_decoding_rows_gives_the_same_logits_in_place(hf_models, arch):
-    _, path = hf_models(arch)
-    model = load_model(path, device="cpu")
+def mixed_tick(model) -> tuple[torch.Tensor, list[list[int]], list[int], list[int], PagedKVCache]:
+    """A tick of decoding rows among prefill chunks, two of those starting fresh, over scattered blocks whose
+    earlier context is computed: its token ids, tables, starts, new token counts and cache."""
     done = [30, 9, 21]  # context already computed
-    new = [1, 12, 1, 1, 6]  # decoding rows among prefill chunks, two of those starting fresh
+    new = [1, 12, 1, 1, 6]
     starts = [*done[:1], 0, *done[1:], 0]
     tables, blocks = scattered_tables([s + n for s, n in zip(starts, new, strict=True)], seed=1)
     kv = model.new_cache(blocks)
@@ -69,7 +68,13 @@ def test_a_tick_of_prefill_chunks_and_decoding_rows_gives_the_same_logits_in_pla
         if start:
             ids = torch.randint(1, model.config.vocab_size, (start,), generator=g)
             model(ids, AttentionBatch.build([table], [0], [start], sliding_window=model.config.sliding_window), kv)
-    ids = torch.randint(1, model.config.vocab_size, (sum(new),), generator=g)
+    return torch.randint(1, model.config.vocab_size, (sum(new),), generator=g), tables, starts, new, kv
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_a_tick_of_prefill_chunks_and_decoding_rows_gives_the_same_logits_in_place(hf_models, arch):
+    model = load_model(hf_models(arch)[1], device="cpu")
+    ids, tables, starts, new, kv = mixed_tick(model)
     logits = {}
     for in_place in (False, True):
         batch = AttentionBatch.build(tables, starts, new, sliding_window=model.config.sliding_window,
@@ -77,3 +82,19 @@ def test_a_tick_of_prefill_chunks_and_decoding_rows_gives_the_same_logits_in_pla
         assert (batch.paged is not None, len(batch.decode) > 0) == (in_place, not in_place)
         logits[in_place] = model.compute_logits(model(ids, batch, kv))
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
+
+
+def test_the_last_layer_runs_the_kept_rows_alone_and_they_come_out_as_in_the_whole_tick(hf_models):
+    model = load_model(hf_models("qwen2")[1], device="cpu")
+    ids, tables, starts, new, kv = mixed_tick(model)
+    batch = AttentionBatch.build(tables, starts, new, sliding_window=model.config.sliding_window)
+    whole = model(ids, batch, kv)
+    stored = kv.k[-1].clone()
+    kv.k[-1, batch.slot_mapping] = 0  # the tick's own K, stored again below
+    mlp_rows = []
+    model.layers[-1].mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(len(args[0])))
+    keep = torch.tensor([12, 0, 20])  # the last rows of the chunks that end their prompts, in another order
+    kept = model(ids, batch, kv, keep=keep)
+    assert mlp_rows == [3]
+    torch.testing.assert_close(kept, whole[keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(kv.k[-1], stored, atol=0, rtol=0)  # every row's K still stored

@@ -208,8 +208,7 @@ class Engine:
     def _step(self, batch: list[tuple[Sequence, int]]) -> None:
         self.runner.copy(self.scheduler.take_copies())
         try:
-            hidden = self.runner.forward(batch)
-            seqs, logits = self.runner.logits(hidden, batch)
+            seqs, logits = self.runner.forward(batch)
         except Exception as e:
             log.exception("forward failed")
             for seq, _ in batch:

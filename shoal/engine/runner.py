@@ -26,8 +26,18 @@ class Runner:
         for src, dst, n in copies:
             self.kv.copy(src, dst, n)
 
-    def forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Hidden states of every token in the batch, sequences concatenated in batch order."""
+    def forward(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """The sequences whose chunk reaches their last token, and their fp32 logits [n, vocab] in that order, on
+        the model's device. The other rows only store their K/V: the last layer skips their output."""
+        rows, seqs, end = [], [], 0
+        for seq, n in batch:
+            end += n
+            if seq.num_computed + n == len(seq):
+                rows.append(end - 1)
+                seqs.append(seq)
+        device = self.model.device
+        # With no row sampled, the last layer still runs one row: no product meets zero rows
+        keep = None if len(rows) == end else torch.tensor(rows or [end - 1], dtype=torch.long, device=device)
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed:seq.num_computed + n]]
         if self.graphs is not None and len(ids) <= self.graphs.max_rows:
             # Each token a row of its own that attends to its context so far, as a decoding sequence's does: a
@@ -35,21 +45,12 @@ class Runner:
             starts = [seq.num_computed + j for seq, n in batch for j in range(n)]
             if self.graphs.fits(len(ids), max(starts) + 1):
                 tables = [seq.block_table for seq, n in batch for _ in range(n)]
-                return self.graphs.forward(ids, tables, starts, self.kv.block_size)
+                hidden = self.graphs.forward(ids, tables, starts, self.kv.block_size)
+                return self._logits(seqs, hidden if keep is None else hidden[keep])
         meta = AttentionBatch.build([seq.block_table for seq, _ in batch], [seq.num_computed for seq, _ in batch],
                                     [n for _, n in batch], self.kv.block_size, self.model.config.sliding_window,
-                                    self.model.device, self.kv.in_place)
-        return self.model(torch.tensor(ids, device=self.model.device), meta, self.kv)
+                                    device, self.kv.in_place)
+        return self._logits(seqs, self.model(torch.tensor(ids, device=device), meta, self.kv, keep=keep))
 
-    def logits(self, hidden: torch.Tensor, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """The sequences whose chunk reaches their last token, and their fp32 logits [n, vocab] in that order, on
-        the model's device."""
-        rows, seqs, end = [], [], 0
-        for seq, n in batch:
-            end += n
-            if seq.num_computed + n == len(seq):
-                rows.append(end - 1)
-                seqs.append(seq)
-        if not rows:
-            return [], hidden.new_empty(0, 0)
-        return seqs, self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+    def _logits(self, seqs: list[Sequence], hidden: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        return (seqs, self.model.compute_logits(hidden)) if seqs else ([], hidden.new_empty(0, 0))

@@ -31,7 +31,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_tokens: int = 32, te
     inputs, start = prompt_ids, 0
     for _ in range(max_tokens):
         batch = AttentionBatch.build([table], [start], [len(inputs)], kv.block_size, window, model.device, kv.in_place)
-        hidden = model(torch.tensor(inputs, device=model.device), batch, kv)
+        last = torch.tensor([len(inputs) - 1], device=model.device) if len(inputs) > 1 else None  # a prompt
+        hidden = model(torch.tensor(inputs, device=model.device), batch, kv, keep=last)
         token = sample(model.compute_logits(hidden[-1]).cpu(), temperature, generator)
         yield token
         if token in stop:

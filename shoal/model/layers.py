@@ -49,7 +49,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
-                kv: PagedKVCache, layer: int) -> torch.Tensor:
+                kv: PagedKVCache, layer: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Every row's K/V stored; the output of the rows in `keep` (default: all), in that order."""
         qkv = self.qkv_proj(x)
         rotate = fused.rotate if fused.supports(qkv) else apply_rotary
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.kv_heads, self.head_dim)
@@ -62,7 +63,8 @@ class Attention(nn.Module):
                         *rope)
             q, k = qk[:, :self.heads], qk[:, self.heads:]
         kv.store(layer, batch.slot_mapping, k, v)
-        return self.o_proj(self._attend(q, batch, kv, layer))
+        out = self._attend(q, batch, kv, layer)
+        return self.o_proj(out if keep is None else out[keep])
 
     def _attend(self, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, layer: int) -> torch.Tensor:
         gqa = self.heads != self.kv_heads
@@ -125,9 +127,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
-                batch: AttentionBatch, kv: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's output and the residual stream before it (their sum is the hidden state after it): each
-        residual add is done in the norm that follows it. residual is None in a range's first layer."""
+                batch: AttentionBatch, kv: PagedKVCache, layer: int,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's output and the residual stream before it (their sum is the hidden state after it), for
+        the rows in `keep` (default: all): each residual add is done in the norm that follows it. residual is
+        None in a range's first layer."""
         x, residual = (self.input_layernorm(h), h) if residual is None else self.input_layernorm.add(h, residual)
-        x, residual = self.post_attention_layernorm.add(self.self_attn(x, rope, batch, kv, layer), residual)
+        attended = self.self_attn(x, rope, batch, kv, layer, keep)
+        x, residual = self.post_attention_layernorm.add(attended, residual if keep is None else residual[keep])
         return self.mlp(x), residual

@@ -60,9 +60,11 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, start: int | None = None,
-                end: int | None = None) -> torch.Tensor:
+                end: int | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Layers [start, end) of those held (default: all of them) over token ids [T] when start is layer 0,
-        hidden states [T, hidden] otherwise; returns hidden states, normed when end is the model's last layer."""
+        hidden states [T, hidden] otherwise; returns hidden states, normed when end is the model's last layer.
+        With `keep` (row indices), only those rows are returned, in that order: the last layer stores every
+        row's K/V but runs its attention output and MLP for those rows alone."""
         start, end = self.start if start is None else start, self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise ValueError(f"layers [{start}, {end}) are not within the held range [{self.start}, {self.end})")
@@ -70,8 +72,9 @@ class Transformer(nn.Module):
         h = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype, copy=True)
         rope = self._rotary().cos_sin(batch.positions, h.dtype, batch.span)
         residual = None
+        last = end - self.start - 1
         for i in range(start - self.start, end - self.start):
-            h, residual = self.layers[i](h, residual, rope, batch, kv, i)
+            h, residual = self.layers[i](h, residual, rope, batch, kv, i, keep if i == last else None)
         return self.norm.add(h, residual)[0] if end == self.config.num_hidden_layers else h + residual
 
     def _rotary(self) -> Rotary:
