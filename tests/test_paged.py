@@ -98,3 +98,12 @@ def test_the_last_layer_runs_the_kept_rows_alone_and_they_come_out_as_in_the_who
     assert mlp_rows == [3]
     torch.testing.assert_close(kept, whole[keep], atol=1e-5, rtol=0)
     torch.testing.assert_close(kv.k[-1], stored, atol=0, rtol=0)  # every row's K still stored
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_each_threads_share_of_the_decode_attention_holds_about_equal_work(workers):
+    work = np.arange(640, 0, -10)  # the oldest sequences first, with the longest contexts, as in serving
+    order = paged._balanced(work, workers)
+    assert sorted(order.tolist()) == list(range(len(work)))
+    shares = [work[part].sum() for part in np.array_split(order, workers)]  # contiguous, as prange splits them
+    assert max(shares) <= 1.03 * work.sum() / workers

@@ -42,7 +42,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: np.ndarray
     kv_heads = k.shape[1]
     grouped = q.float().view(n, kv_heads, heads // kv_heads, dim).numpy()
     out = np.empty_like(grouped)
-    _attend(grouped, array(k), array(v), tables, lengths, begins, block_size, np.float32(dim ** -0.5), out)
+    order = _balanced(lengths - begins, numba.get_num_threads())
+    _attend(grouped, array(k), array(v), tables, lengths, begins, order, block_size, np.float32(dim ** -0.5), out)
     return torch.from_numpy(out).view(n, heads * dim).to(q.dtype)
 
 
@@ -66,15 +67,30 @@ def _row_impl(cache, slot, buf):
     return widen
 
 
+@njit(cache=True)
+def _balanced(work, workers):
+    """Sequence indices in an order whose contiguous shares, as prange hands them to its threads (the first ones a
+    task more where they do not divide evenly), hold about equal work: ranked longest first and dealt to the threads
+    in rounds, back and forth; a last, partial round to the first threads. In serving, the oldest sequences come
+    first and have the longest contexts: split in index order, one thread took 1.45x its share."""
+    ranked = np.argsort(-work)
+    owner = np.empty(len(work), dtype=np.int64)
+    whole = len(work) // workers * workers
+    for i in range(len(work)):
+        j = i % workers
+        owner[ranked[i]] = j if i >= whole or i // workers % 2 == 0 else workers - 1 - j
+    return np.argsort(owner, kind="mergesort")
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _attend(q, k, v, tables, lengths, begins, block_size, scale, out):
+def _attend(q, k, v, tables, lengths, begins, order, block_size, scale, out):
     n, kv_heads, group, dim = q.shape
     # A task per sequence reads its rows whole (all KV heads: 20% faster at 64 sequences); a task per sequence
     # and KV head keeps both cores busy when there are only a few sequences
     span = kv_heads if n >= 4 else 1
     split = kv_heads // span
     for task in prange(n * split):
-        s, first = task // split, task % split * span
+        s, first = order[task // split], task % split * span
         begin, end = begins[s], lengths[s]
         qs = q[s, first:first + span] * scale
         buf = np.empty((kv_heads, dim), dtype=np.float32)
