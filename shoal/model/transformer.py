@@ -63,7 +63,7 @@ class Transformer(nn.Module):
                 end: int | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Layers [start, end) of those held (default: all of them) over token ids [T] when start is layer 0,
         hidden states [T, hidden] otherwise; returns hidden states, normed when end is the model's last layer.
-        With `keep` (row indices), only those rows are returned, in that order: the last layer stores every
+        With `keep` (row indices), only those rows are returned, in that order: the last layer run stores every
         row's K/V but runs its attention output and MLP for those rows alone."""
         start, end = self.start if start is None else start, self.end if end is None else end
         if not self.start <= start < end <= self.end:
