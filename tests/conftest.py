@@ -6,6 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -84,6 +85,22 @@ def free_port() -> int:
 
 SHOAL = str(Path(sys.executable).with_name("shoal"))
 TOKEN = "worker-secret"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_shoal_processes():
+    """Fails the run where a `shoal` process that a test started outlives the suite: a worker left serving would
+    hold its memory and keep calling a coordinator that is gone (stop 30 found one)."""
+    started = psutil.Process().create_time()
+    yield
+    ours = [p for p in psutil.process_iter(["cmdline", "create_time"])
+            if SHOAL in (p.info["cmdline"] or [])[:2] and p.info["create_time"] >= started]
+    _, alive = psutil.wait_procs(ours, timeout=5)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    names = [" ".join(p.cmdline()[1:]) for p in alive]
+    for p in alive:
+        p.kill()
+    assert not alive, f"processes left running after the tests: {names}"
 
 
 def start_worker(url: str, name: str, token: str = TOKEN, *args: str) -> subprocess.Popen:
