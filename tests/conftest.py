@@ -97,7 +97,7 @@ def no_stray_shoal_processes():
             if SHOAL in (p.info["cmdline"] or [])[:2] and p.info["create_time"] >= started]
     _, alive = psutil.wait_procs(ours, timeout=5)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    names = [" ".join(p.cmdline()[1:]) for p in alive]
+    names = [" ".join(p.info["cmdline"][1:]) for p in alive]  # as read before: a process may end meanwhile
     for p in alive:
         p.kill()
     assert not alive, f"processes left running after the tests: {names}"

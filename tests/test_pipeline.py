@@ -123,8 +123,9 @@ def test_killing_the_middle_stage_mid_decode_gives_identical_output(swarm):
 
 def test_a_stage_that_pushes_cannot_reach_gets_its_inputs_relayed_from_then_on(swarm):
     url, stages, _ = swarm
-    stages.append(stage(url, "s0", "0:1"))  # in the list, so the fixture stops it
-    log = Path(stages[0].log_path)
+    first = stage(url, "s0", "0:1")
+    stages.append(first)  # in the list, so the fixture stops it
+    log = Path(first.log_path)
     stages.append(subprocess.Popen([sys.executable, str(UNREACHABLE), "worker", "--coordinator", url, "--token", TOKEN,
                                     "--name", "s1", "--layers", "1:3", "--kv-cache-mb", "32"],
                                    stdout=log.with_suffix(".s1").open("w"), stderr=subprocess.STDOUT))
