@@ -175,20 +175,28 @@ def test_importing_shoal_makes_torchs_threads_wait_passively_unless_told(given, 
     (1.0, 1.0, 0), (0.95, 1.05, 0), (0.5, 2.0, 0),  # within noise of the best ways, or slower for batches: never
     (2.0, 0.5, 2),  # faster for every batch, slower for a single row: a packed copy from 2 rows on
 ])
-def test_packing_is_chosen_only_where_it_pays(monkeypatch, single, batched, rows):
+def test_packing_is_chosen_only_where_it_pays(single, batched, rows):
     import shoal.model.matmul as matmul
 
     larger = len(ROW_BUCKETS) - 1
-    monkeypatch.setattr(matmul, "_time", lambda weights, x, way: single if len(x) == 1 else batched / larger)
-    assert matmul._pack_rows([torch.ones(8, 4)], [1.0] + [1.0 / larger] * larger) == rows
+    assert matmul._pack_rows([single] + [batched / larger] * larger, [1.0] + [1.0 / larger] * larger) == rows
 
 
-def test_a_packed_copy_serves_the_buckets_from_which_it_is_clearly_faster(monkeypatch):
+def test_a_packed_copy_serves_the_buckets_from_which_it_is_clearly_faster():
     import shoal.model.matmul as matmul
 
-    packed = {1: 2.0, 2: 1.1, 4: 0.5, 8: 1.0, 16: 0.5, 32: 0.5, 64: 0.5}  # faster at 4 rows, not at 8: from 9 on
-    monkeypatch.setattr(matmul, "_time", lambda weights, x, way: packed[len(x)])
-    assert matmul._pack_rows([torch.ones(8, 4)], [1.0] * len(ROW_BUCKETS)) == 9
+    packed = [2.0, 1.1, 0.5, 1.0, 0.5, 0.5, 0.5]  # by bucket of 1-64 rows: faster at 4 rows, not at 8: from 9 on
+    assert matmul._pack_rows(packed, [1.0] * len(ROW_BUCKETS)) == 9
+
+
+def test_the_packed_product_is_timed_in_turn_with_the_ways_and_is_never_one_of_them(monkeypatch):
+    import shoal.model.matmul as matmul
+
+    calls, packed = [], [torch.ones(8, 4)]
+    monkeypatch.setattr(matmul, "_time", lambda ws, x, way: calls.append(way) or (0.1 if ws is packed else 1.0))
+    times, best = matmul._fastest([torch.ones(8, 4)], 2, packed)
+    assert calls == [*matmul.ways_for(torch.float32), matmul.packed_product] * matmul.ROUNDS
+    assert times[matmul.packed_product] == 0.1 and best is matmul.plain
 
 
 @pytest.mark.parametrize(("free_gb", "wanted", "copied"), [(64, True, True), (0.001, True, False), (64, False, False)])

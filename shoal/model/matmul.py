@@ -39,9 +39,9 @@ FULL_SHAPE_BYTES = 1 * 2**30
 # A choice leaves the plain product only for a clear gain: where the two are close, timing noise would
 # otherwise make processes on one machine (a stage and its replica) choose differently and round differently.
 CLEARLY = 0.9
-LAYOUT_CLEARLY = 0.8  # a layout only for a larger gain: it is kept for every row count
 PACK_ROWS = 64  # the row count oneDNN lays a packed weight out for (it takes any)
 COPIES_SHARE = 0.5  # the weights with their packed copies take at most this share of the memory free at load
+ROUNDS = 3  # each way is timed this many times, taking turns with the others; the quickest counts
 QUICK_S = 50e-6  # a single-row product quicker than this is mostly call overhead: every way runs alike
 Way = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -160,18 +160,19 @@ def _time(weights: list[torch.Tensor], x: torch.Tensor, way: Way) -> float:
     return time.perf_counter() - began
 
 
-def _fastest(weights: list[torch.Tensor], rows: int, rounds: int = 3) -> tuple[dict[Way, float], Way]:
-    """Each way's time, and the way to use: the quickest one if clearly faster than plain, else plain. The ways
-    take turns, round after round (until a round is long enough to measure), so a slow moment of the machine
-    does not count against one of them only."""
+def _fastest(weights: list[torch.Tensor], rows: int,
+             packed: list[torch.Tensor] | None = None) -> tuple[dict[Way, float], Way]:
+    """Each way's time (with `packed`, the packed product's on those weights too), and the way to use: the quickest
+    one if clearly faster than plain, else plain. All take turns, round after round, so a slow moment of the
+    machine does not count against one of them only (timed apart, or for one round only, the packed product won
+    or lost from one load to the next: a 0.5B model's LM head once left unpacked, 1.3x slower at 64 rows)."""
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
-    times = dict.fromkeys(ways_for(weights[0].dtype), float("inf"))
-    for _ in range(rounds):
-        for way in times:
-            times[way] = min(times[way], _time(weights, x, way))
-        if min(times.values()) > 0.02:
-            break
-    best = min(times, key=times.__getitem__)
+    operands = dict.fromkeys(ways_for(weights[0].dtype), weights) | ({packed_product: packed} if packed else {})
+    times = dict.fromkeys(operands, float("inf"))
+    for _ in range(ROUNDS):
+        for way, ws in operands.items():
+            times[way] = min(times[way], _time(ws, x, way))
+    best = min((way for way in times if way is not packed_product), key=times.__getitem__)
     return times, best if times[best] < CLEARLY * times[plain] else plain
 
 
@@ -180,31 +181,32 @@ def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> 
     the row count from which to multiply a packed weight instead (0: never; see `_pack_rows`). Between row and
     column, the layout is the one faster for a single row: the latency of decoding one sequence."""
     rows_major = _stand_ins(out, inp, dtype, count)
-    row_times, row_way = _fastest(rows_major, 1)
+    row_times, _ = _fastest(rows_major, 1)
     if row_times[plain] / len(rows_major) < QUICK_S:
         return "row", (), 0
     cols_major = [column_major(w) for w in rows_major]
-    col_times, col_way = _fastest(cols_major, 1)
-    columns = min(col_times.values()) < LAYOUT_CLEARLY * min(row_times.values())
+    col_times, _ = _fastest(cols_major, 1)
+    columns = min(col_times.values()) < min(row_times.values())
     layout, weights = ("column", cols_major) if columns else ("row", rows_major)
-    best = [(min((col_times if columns else row_times).values()), col_way if columns else row_way)]
-    best += [(min(times.values()), way) for times, way in (_fastest(weights, n) for n in ROW_BUCKETS[1:])]
-    ways = tuple(way for _, way in best)
-    return layout, ways, _pack_rows(rows_major, [t for t, _ in best]) if packs else 0
+    packed = [pack(w) for w in rows_major] if packs else None
+    timed = [_fastest(weights, n, packed) for n in ROW_BUCKETS]
+    ways = tuple(way for _, way in timed)
+    if not packs:
+        return layout, ways, 0
+    best = [min(t for way, t in times.items() if way is not packed_product) for times, _ in timed]
+    return layout, ways, _pack_rows([times[packed_product] for times, _ in timed], best)
 
 
-def _pack_rows(weights: list[torch.Tensor], best: list[float]) -> int:
-    """From how many rows the packed product is to be used, against the `best` times per row bucket: 1 where it
-    clearly beats them for a single row or summed over the larger buckets and is not clearly slower for either;
-    else the first row count of the smallest bucket from which it is clearly faster in every bucket; else 0."""
-    packed = [pack(w) for w in weights]
-    times = [min(_time(packed, torch.randn(n, weights[0].shape[1], dtype=weights[0].dtype), packed_product)
-                 for _ in range(3)) for n in ROW_BUCKETS]
-    pairs = ((times[0], best[0]), (sum(times[1:]), sum(best[1:])))
+def _pack_rows(packed: list[float], best: list[float]) -> int:
+    """From how many rows the packed product is to be used, by its times per row bucket against the `best` other
+    ways': 1 where it clearly beats them for a single row or summed over the larger buckets and is not clearly
+    slower for either; else the first row count of the smallest bucket from which it is clearly faster in every
+    bucket; else 0."""
+    pairs = ((packed[0], best[0]), (sum(packed[1:]), sum(best[1:])))
     if any(p < CLEARLY * b for p, b in pairs) and all(CLEARLY * p <= b for p, b in pairs):
         return 1
     for k in range(1, len(ROW_BUCKETS)):
-        if all(t < CLEARLY * b for t, b in zip(times[k:], best[k:], strict=True)):
+        if all(t < CLEARLY * b for t, b in zip(packed[k:], best[k:], strict=True)):
             return ROW_BUCKETS[k - 1] + 1
     return 0
 
