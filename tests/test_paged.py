@@ -31,7 +31,9 @@ def reference(q: torch.Tensor, cache: PagedKVCache, table: list[int], begin: int
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("lengths", [[1, 5, 16, 17, 40, 77], [17, 40]], ids=["a task a sequence", "a task a head"])
-def test_in_place_attention_equals_sdpa_over_gathered_context(dtype, tol, window, lengths):
+@pytest.mark.parametrize("serial_work", [paged.SERIAL_WORK, 0], ids=["on the caller", "on numba's threads"])
+def test_in_place_attention_equals_sdpa_over_gathered_context(monkeypatch, dtype, tol, window, lengths, serial_work):
+    monkeypatch.setattr(paged, "SERIAL_WORK", serial_work)
     tables, blocks = scattered_tables(lengths)
     cache = PagedKVCache(1, blocks, 2, 32, dtype=dtype)
     cache.k.normal_()

@@ -45,7 +45,7 @@ def array(x: torch.Tensor) -> np.ndarray:
     return x.numpy() if x.dtype == torch.float32 else x.view(torch.uint16).numpy()
 
 
-def _on_caller(kernel: Dispatcher) -> Dispatcher:
+def on_caller(kernel: Dispatcher) -> Dispatcher:
     """The kernel's loops compiled again without threads (prange runs as range), under a name of its own: numba's
     disk cache keys a function by its name and bytecode, not by how it was compiled."""
     fn = kernel.py_func
@@ -196,4 +196,4 @@ def _rotate(x, cos, signed_sin):
                 x[i, h, e + half] = narrow(x, b * wide(cos[i, e + half]) + a * wide(signed_sin[i, e + half]))
 
 
-_ADD_NORM, _NORM, _SILU_MUL, _ROTATE = ((k, _on_caller(k)) for k in (_add_norm, _norm, _silu_mul, _rotate))
+_ADD_NORM, _NORM, _SILU_MUL, _ROTATE = ((k, on_caller(k)) for k in (_add_norm, _norm, _silu_mul, _rotate))

@@ -14,7 +14,12 @@ import torch
 from numba import njit, prange
 from numba.extending import overload
 
-from shoal.model.fused import DTYPES, array, exp, wide
+from shoal.model.fused import DTYPES, array, exp, on_caller, wide
+
+# Below this much work (context tokens x query heads x head size), one sequence's decode say, the kernel runs on
+# the calling thread: waking numba's threads cost more than they saved (at 90 tokens 85-110 us a layer against
+# 22; even from about 2**20)
+SERIAL_WORK = 2**20
 
 
 def supports(cache: torch.Tensor) -> bool:
@@ -28,9 +33,10 @@ def set_threads(n: int) -> None:
 def warm(dtype: torch.dtype) -> None:
     """Compile (or load from numba's disk cache) the kernel for a cache dtype now, not in a request's first tick:
     compiling takes seconds, loading a fraction of one."""
-    cache = torch.zeros(1, 1, 1, dtype=dtype)
-    attend(torch.zeros(1, 1, 1, dtype=dtype), cache, cache, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
-           np.zeros(1, np.int32), 1)
+    cache = array(torch.zeros(1, 1, 1, dtype=dtype))
+    for kernel in (_attend, _attend_on_caller):
+        kernel(np.zeros((1, 1, 1, 1), np.float32), cache, cache, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
+               np.zeros(1, np.int32), np.zeros(1, np.int64), 1, np.float32(1.0), np.empty((1, 1, 1, 1), np.float32))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: np.ndarray, lengths: np.ndarray,
@@ -42,8 +48,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: np.ndarray
     kv_heads = k.shape[1]
     grouped = q.float().view(n, kv_heads, heads // kv_heads, dim).numpy()
     out = np.empty_like(grouped)
-    order = _balanced(lengths - begins, numba.get_num_threads())
-    _attend(grouped, array(k), array(v), tables, lengths, begins, order, block_size, np.float32(dim ** -0.5), out)
+    work = lengths - begins
+    threads = numba.get_num_threads() if int(work.sum()) * heads * dim >= SERIAL_WORK else 1
+    kernel = _attend if threads > 1 else _attend_on_caller
+    kernel(grouped, array(k), array(v), tables, lengths, begins, _balanced(work, threads), block_size,
+           np.float32(dim ** -0.5), out)
     return torch.from_numpy(out).view(n, heads * dim).to(q.dtype)
 
 
@@ -120,3 +129,6 @@ def _attend(q, k, v, tables, lengths, begins, order, block_size, scale, out):
                     for e in range(dim):
                         acc[h, j, e] += p * vr[first + h, e]
         out[s, first:first + span] = acc
+
+
+_attend_on_caller = on_caller(_attend)
