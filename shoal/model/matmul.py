@@ -181,20 +181,24 @@ def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> 
     the row count from which to multiply a packed weight instead (0: never; see `_pack_rows`). Between row and
     column, the layout is the one faster for a single row: the latency of decoding one sequence."""
     rows_major = _stand_ins(out, inp, dtype, count)
-    row_times, _ = _fastest(rows_major, 1)
-    if row_times[plain] / len(rows_major) < QUICK_S:
+    packed = [pack(w) for w in rows_major] if packs else None
+    by_row = _fastest(rows_major, 1, packed)
+    if by_row[0][plain] / len(rows_major) < QUICK_S:
         return "row", (), 0
     cols_major = [column_major(w) for w in rows_major]
-    col_times, _ = _fastest(cols_major, 1)
-    columns = min(col_times.values()) < min(row_times.values())
-    layout, weights = ("column", cols_major) if columns else ("row", rows_major)
-    packed = [pack(w) for w in rows_major] if packs else None
-    timed = [_fastest(weights, n, packed) for n in ROW_BUCKETS]
+    by_col = _fastest(cols_major, 1, packed)
+    columns = _unpacked(by_col[0]) < _unpacked(by_row[0])
+    layout, weights, single = ("column", cols_major, by_col) if columns else ("row", rows_major, by_row)
+    timed = [single] + [_fastest(weights, n, packed) for n in ROW_BUCKETS[1:]]
     ways = tuple(way for _, way in timed)
     if not packs:
         return layout, ways, 0
-    best = [min(t for way, t in times.items() if way is not packed_product) for times, _ in timed]
-    return layout, ways, _pack_rows([times[packed_product] for times, _ in timed], best)
+    return layout, ways, _pack_rows([times[packed_product] for times, _ in timed], [_unpacked(t) for t, _ in timed])
+
+
+def _unpacked(times: dict[Way, float]) -> float:
+    """The quickest time of the ways that multiply the weight as it is (not its packed copy)."""
+    return min(t for way, t in times.items() if way is not packed_product)
 
 
 def _pack_rows(packed: list[float], best: list[float]) -> int:
