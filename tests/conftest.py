@@ -1,3 +1,4 @@
+import os
 import shutil
 import socket
 import subprocess
@@ -9,6 +10,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+
+# `tune`'s choices (model/tunings.py) are kept in a directory of this run's own, for its servers and workers too:
+# none remembered by an earlier run, or in the user's cache, stands in for the choosing a test means to exercise
+os.environ["SHOAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="shoal-tests-cache-")
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

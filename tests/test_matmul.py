@@ -133,11 +133,12 @@ def test_forced_layouts_and_ways_give_the_tuned_logits(hf_models, arch):
 
 
 @pytest.mark.parametrize("wanted", [True, False])
-def test_an_engines_config_says_whether_its_weights_get_packed_copies(monkeypatch, tiny_model_dir, wanted):
+def test_an_engines_config_says_whether_its_weights_get_packed_copies(monkeypatch, tmp_path, tiny_model_dir, wanted):
     import shoal.model.matmul as matmul
     from shoal.engine import Engine, EngineConfig
 
     monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", (), 3))
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # no choice kept from an earlier load: this one chooses
     engine = Engine.from_dir(tiny_model_dir("llama"), EngineConfig(packed_copies=wanted))
     try:
         linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
@@ -200,8 +201,8 @@ def test_the_packed_product_is_timed_in_turn_with_the_ways_and_is_never_one_of_t
 
 
 @pytest.mark.parametrize(("free_gb", "wanted", "copied"), [(64, True, True), (0.001, True, False), (64, False, False)])
-def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypatch, hf_models, free_gb, wanted,
-                                                                       copied):
+def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypatch, tmp_path, hf_models, free_gb,
+                                                                       wanted, copied):
     import psutil
 
     import shoal.model.matmul as matmul
@@ -209,6 +210,7 @@ def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypat
     _, path = hf_models("qwen2")
     reference = load_model(path, device="cpu")
     monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", (), 3))
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # not the reference's choices: this load chooses
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_gb * 2**30}))
     model = load_model(path, device="cpu", packed_copies=wanted)
     linears = [m for m in model.modules() if isinstance(m, Linear)]

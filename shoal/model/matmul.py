@@ -12,10 +12,12 @@ product is phrased, and the spread is wide:
 `tune` times every way on stand-ins of the model's weight shapes and keeps whichever is clearly faster
 than the plain product. Where oneDNN's packed product is clearly faster for batches only (float32 on that EPYC:
 1.4-1.6x at 64 rows, 1.1x at 512, but up to 1.4x slower for one row), a packed copy serves the batches and the
-weight as it was the single rows, if memory allows.
+weight as it was the single rows, if memory allows. The choices are kept on disk per machine (`tunings`): a
+model loads again without timing.
 """
 
 import functools
+import logging
 import re
 import time
 from collections import defaultdict
@@ -28,7 +30,9 @@ import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
-from shoal.model import paged
+from shoal.model import paged, tunings
+
+log = logging.getLogger("shoal.model")
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # more rows go the last bucket's way: the ranking holds from there on
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
@@ -142,12 +146,11 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def _stand_ins(out: int, inp: int, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
-    """Weights to time products with: up to `count` of the shape, at most TIMING_BYTES in all so that small ones
-    are not all in cache; a weight larger than FULL_SHAPE_BYTES is cut to its first rows."""
+def _stand_in_shape(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple[int, int]:
+    """Rows and number of the weights to time products with: up to `count` of the shape, at most TIMING_BYTES in
+    all so that small ones are not all in cache; a weight larger than FULL_SHAPE_BYTES is cut to its first rows."""
     rows = max(1, min(out, FULL_SHAPE_BYTES // (inp * dtype.itemsize)))
-    count = max(1, min(count, TIMING_BYTES // (rows * inp * dtype.itemsize)))
-    return [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
+    return rows, max(1, min(count, TIMING_BYTES // (rows * inp * dtype.itemsize)))
 
 
 def _time(weights: list[torch.Tensor], x: torch.Tensor, way: Way) -> float:
@@ -176,11 +179,12 @@ def _fastest(weights: list[torch.Tensor], rows: int,
     return times, best if times[best] < CLEARLY * times[plain] else plain
 
 
-def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> tuple[str, tuple[Way, ...], int]:
+def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> tuple[str, tuple[Way, ...], int]:
     """The layout of weights of this shape (row or column), the way to multiply per row bucket and, with `packs`,
-    the row count from which to multiply a packed weight instead (0: never; see `_pack_rows`). Between row and
-    column, the layout is the one faster for a single row: the latency of decoding one sequence."""
-    rows_major = _stand_ins(out, inp, dtype, count)
+    the row count from which to multiply a packed weight instead (0: never; see `_pack_rows`), timed on `count`
+    stand-ins of `rows` rows. Between row and column, the layout is the one faster for a single row: the latency
+    of decoding one sequence."""
+    rows_major = [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
     packed = [pack(w) for w in rows_major] if packs else None
     by_row = _fastest(rows_major, 1, packed)
     if by_row[0][plain] / len(rows_major) < QUICK_S:
@@ -194,6 +198,24 @@ def _choose(out: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> 
     if not packs:
         return layout, ways, 0
     return layout, ways, _pack_rows([times[packed_product] for times, _ in timed], [_unpacked(t) for t, _ in timed])
+
+
+def _recall(entry: dict | None, dtype: torch.dtype, packs: bool) -> tuple[str, tuple[Way, ...], int] | None:
+    """A choice as `tunings` kept it, if it is one `_choose` could have made (else None, to choose again)."""
+    if entry is None:
+        return None
+    ways = {way.__name__: way for way in ways_for(dtype)}
+    try:
+        layout, names, pack_rows = entry["layout"], entry["ways"], entry["pack_rows"]
+        valid = (layout in ("row", "column") and isinstance(names, list) and len(names) in (0, len(ROW_BUCKETS))
+                 and all(name in ways for name in names) and isinstance(pack_rows, int)
+                 and 0 <= pack_rows <= (ROW_BUCKETS[-1] if packs else 0))
+    except (KeyError, TypeError):
+        valid = False
+    if not valid:
+        log.warning("a kept tuning is not a valid choice, timing again", extra={"tuning": entry})
+        return None
+    return layout, tuple(ways[name] for name in names), pack_rows
 
 
 def _unpacked(times: dict[Way, float]) -> float:
@@ -221,8 +243,8 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     timing as many stand-ins of each weight shape as the model has, up to TIMING_BYTES, so that they stream
     from memory as the model's weights do in a forward: their values do not change the time. A weight packed
     for batches only, or shared with another module (an LM head tied to the embedding), is packed as a copy,
-    while the weights and copies fit in COPIES_SHARE of the free memory (never without `copies`). Returns the
-    choices, by shape."""
+    while the weights and copies fit in COPIES_SHARE of the free memory (never without `copies`). A choice this
+    machine kept (`tunings`) is taken as it is, untimed. Returns the choices, by shape."""
     shared = _shared(model)
     groups: dict[tuple, list[Linear]] = defaultdict(list)
     for module in model.modules():
@@ -231,10 +253,14 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     weights = sum(p.nbytes for p in model.parameters())
     spare = COPIES_SHARE * psutil.virtual_memory().available - weights if copies else 0
     chosen = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), tunings.remembered() as known:
         for (out, inp, dtype, tied), modules in groups.items():
             # A shared weight can only be packed as a copy: without copies, its packed products are not timed
-            layout, ways, pack_rows = _choose(out, inp, dtype, len(modules), packable(dtype) and (copies or not tied))
+            packs = packable(dtype) and (copies or not tied)
+            rows, count = _stand_in_shape(out, inp, dtype, len(modules))
+            key = f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count}{', packable' * packs}"
+            layout, ways, pack_rows = _recall(known.get(key), dtype, packs) or _choose(rows, inp, dtype, count, packs)
+            known[key] = {"layout": layout, "ways": [way.__name__ for way in ways], "pack_rows": pack_rows}
             replaced = pack_rows == 1 and not tied
             extra = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
             if extra > spare:

@@ -1,0 +1,111 @@
+import json
+import logging
+import threading
+
+import pytest
+import torch
+from filelock import FileLock
+
+import shoal.model.matmul as matmul
+from shoal.model import load_model, tunings
+from shoal.model.matmul import ROW_BUCKETS, Linear, flipped, packable
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))
+    return tmp_path / "tunings.json"
+
+
+def choosing(monkeypatch, choice=("row", (), 0)) -> list:
+    """Make `_choose` return `choice` without timing; returns the list of its calls."""
+    calls = []
+
+    def choose(*args):
+        calls.append(args)
+        return choice
+
+    monkeypatch.setattr(matmul, "_choose", choose)
+    return calls
+
+
+def test_a_second_load_takes_the_kept_choices_without_timing(monkeypatch, hf_models, cache):
+    _, path = hf_models("qwen2")
+    pack_rows = 3 if packable(torch.float32) else 0
+    first = choosing(monkeypatch, ("column", (flipped,) * len(ROW_BUCKETS), pack_rows))
+    load_model(path, device="cpu")
+    assert first and cache.is_file()
+    kept = json.loads(cache.read_text())[tunings.machine()]
+    assert len(kept) == len(first)
+    assert all(c == {"layout": "column", "ways": ["flipped"] * len(ROW_BUCKETS), "pack_rows": pack_rows}
+               for c in kept.values())
+    again = choosing(monkeypatch)
+    model = load_model(path, device="cpu")
+    assert again == []
+    for m in (m for m in model.modules() if isinstance(m, Linear)):
+        assert m.ways == (flipped,) * len(ROW_BUCKETS) and m.pack_rows == pack_rows
+        assert m.weight is model.embed_tokens.weight or m.weight.stride() == (1, m.weight.shape[0])  # column-major
+
+
+def test_a_corrupt_file_is_timed_again_and_replaced(monkeypatch, hf_models, cache, caplog):
+    _, path = hf_models("qwen2")
+    cache.write_text("{not json")
+    calls = choosing(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="shoal.model"):
+        load_model(path, device="cpu")
+    assert calls and "tunings file unreadable" in caplog.text
+    assert len(json.loads(cache.read_text())[tunings.machine()]) == len(calls)
+
+
+def test_a_kept_choice_that_is_no_valid_choice_is_made_again_alone(monkeypatch, hf_models, cache, caplog):
+    _, path = hf_models("qwen2")
+    choosing(monkeypatch)
+    load_model(path, device="cpu")
+    everything = json.loads(cache.read_text())
+    key = sorted(everything[tunings.machine()])[0]
+    everything[tunings.machine()][key]["ways"] = ["by hand"] * len(ROW_BUCKETS)
+    cache.write_text(json.dumps(everything))
+    calls = choosing(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="shoal.model"):
+        load_model(path, device="cpu")
+    assert len(calls) == 1 and "not a valid choice" in caplog.text
+    assert json.loads(cache.read_text())[tunings.machine()][key]["ways"] == []
+
+
+def test_choices_are_kept_per_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tunings.machine()
+        torch.set_num_threads(2)
+        assert tunings.machine() != one and "2 threads" in tunings.machine()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_cache_directory_that_cannot_be_made_costs_only_the_keeping(monkeypatch, hf_models, tmp_path, caplog):
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path / "a file" / "cache"))
+    _, path = hf_models("qwen2")
+    with caplog.at_level(logging.WARNING, logger="shoal.model"):
+        model = load_model(path, device="cpu")
+    assert "tunings not kept" in caplog.text
+    assert torch.isfinite(model.lm_head.weight).all()
+
+
+def test_one_process_tunes_at_a_time(cache):
+    entered = threading.Event()
+
+    def tune() -> None:
+        with tunings.remembered() as known:
+            known["shape"] = {"layout": "row", "ways": [], "pack_rows": 0}
+            entered.set()
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{cache}.lock")
+    with lock:
+        waiting = threading.Thread(target=tune)
+        waiting.start()
+        assert not entered.wait(0.5)
+    waiting.join(10)
+    assert entered.is_set() and "shape" in json.loads(cache.read_text())[tunings.machine()]
