@@ -359,10 +359,35 @@ def test_a_stage_runs_decode_steps_on_the_loops_thread_as_one_batch_and_prefill_
                                          for s, f in zip("ab", firsts, strict=True)))
         return [f["token"] for f in firsts], [s["token"] for s in seconds]
 
+    mlp_rows: list[int] = []
+    stage.model.layers[-1].mlp.register_forward_hook(lambda module, args, out: mlp_rows.append(len(args[0])))
     try:
         firsts, seconds = asyncio.run(go())
     finally:
         stage.close()
     assert runs == [("shoal-stage", 2), ("MainThread", 2)]
+    assert mlp_rows == [2, 2]  # the last layer finishes the sampled rows only, each prompt's last one
     each = run(alone(make_engine(), ["Hello", "Once upon"], SamplingParams(temperature=0, max_tokens=2)))
     assert [ids for _, ids, _ in each] == [[a, b] for a, b in zip(firsts, seconds, strict=True)]
+
+
+def test_a_last_stage_returns_every_row_of_a_step_that_does_not_sample_beside_one_that_does():
+    from shoal.engine.stage import StageEngine
+    from shoal.model import DEMO_PATH
+
+    stage = StageEngine.from_dir(DEMO_PATH, (0, 4))
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+
+    async def go() -> tuple[dict, dict, dict]:
+        ids = {s: stage.open(s, (0, 4), "Once upon a time", greedy) for s in ("alone", "sampled", "beside")}
+        alone = await stage.step("alone", 0, torch.tensor(ids["alone"]))
+        sampled, beside = await asyncio.gather(stage.step("sampled", 0, torch.tensor(ids["sampled"]), sample=True),
+                                               stage.step("beside", 0, torch.tensor(ids["beside"])))
+        return alone, sampled, beside
+
+    try:
+        alone, sampled, beside = asyncio.run(go())
+    finally:
+        stage.close()
+    assert isinstance(sampled["token"], int) and beside["hidden"].shape == alone["hidden"].shape
+    torch.testing.assert_close(beside["hidden"], alone["hidden"], atol=1e-4, rtol=0)

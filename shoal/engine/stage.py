@@ -241,7 +241,8 @@ class StageEngine:
             inputs = torch.cat([step.inputs for _, step in group]) if len(group) > 1 else group[0][1].inputs
             if inputs.is_floating_point():  # an earlier stage may hold the model in another dtype
                 inputs = inputs.to(model.dtype)
-            hidden = model(inputs.to(model.device), batch, self.kv, start, end)
+            keep = _kept(group, model.device) if end == model.config.num_hidden_layers else None
+            hidden = model(inputs.to(model.device), batch, self.kv, start, end, keep=keep)
         except Exception as e:
             log.exception("stage forward failed")
             for _, step in group:
@@ -249,8 +250,8 @@ class StageEngine:
             return
         row = 0
         for session, step in group:
-            n = len(step.inputs)
-            session.num_computed += n
+            n = 1 if step.sample and keep is not None else len(step.inputs)
+            session.num_computed += len(step.inputs)
             out = hidden[row:row + n]
             row += n
             try:
@@ -279,6 +280,17 @@ class StageEngine:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.free += session.block_table
+
+
+def _kept(group: Group, device: torch.device) -> torch.Tensor | None:
+    """The rows the model's last layer must finish: a sampling step's last (its others need only their K/V, as in
+    the engine's runner), every row of a step that returns its hidden states; None where that is every row."""
+    rows, row = [], 0
+    for _, step in group:
+        n = len(step.inputs)
+        rows += [row + n - 1] if step.sample else range(row, row + n)
+        row += n
+    return None if len(rows) == row else torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def _settle(future: asyncio.Future, result: dict | Exception) -> None:
