@@ -173,7 +173,8 @@ def test_shoal_chat_talks_to_a_running_server(server_url):
     assert bad.returncode == 2 and "cannot reach" in bad.stderr
 
 
-def test_private_mode_logs_no_prompt_text():
+def test_private_mode_logs_no_prompt_text(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # the engine's process times its products, and says so
     url, proc = start_server("--private")
     try:
         secret = "zebra-secret-4471"
@@ -185,6 +186,7 @@ def test_private_mode_logs_no_prompt_text():
     log = proc.log_path.read_text()
     assert '"message": "request finished"' in log and secret not in log and "spelled" not in log
     assert "POST /v1/chat/completions" not in log
+    assert '"logger": "shoal.model", "message": "timing products' in log  # the engine's process logs as JSON too
 
 
 def test_openapi_document_validates(server_url):

@@ -10,6 +10,7 @@ for the same reason.)
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import pickle
 import signal
@@ -18,6 +19,7 @@ import uuid
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from shoal import logs
 from shoal.engine.engine import Engine, EngineConfig, Outlet
 from shoal.engine.events import Event, RequestStream, Stats, deliver
 from shoal.engine.intake import Prompt, Sessions, running_loop
@@ -88,8 +90,11 @@ class Relay:
             self.engine.close()
 
 
-def child_main(conn: Connection, path: str, config: EngineConfig, threads: int | None) -> None:
+def child_main(conn: Connection, path: str, config: EngineConfig, threads: int | None,
+               log_level: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent closes us
+    if log_level is not None:  # a spawned process starts with no handlers: it logs as its parent was set up to
+        logs.configure(log_level)
     if threads:
         set_threads(threads)
     try:
@@ -132,8 +137,9 @@ class EngineProcess:
         self.tokenizer = Tokenizer.from_dir(path)
         context = multiprocessing.get_context("spawn")  # torch's threads do not survive a fork
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=child_main, args=(child, str(path), self.config, threads),
-                                        name="shoal-engine", daemon=True)
+        shoal = logging.getLogger("shoal")
+        self._process = context.Process(target=child_main, name="shoal-engine", daemon=True, args=(
+            child, str(path), self.config, threads, shoal.level if shoal.handlers else None))
         self._process.start()
         child.close()
         try:

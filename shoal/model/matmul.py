@@ -259,7 +259,12 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
             key = f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count}{', packable' * packs}"
-            layout, ways, pack_rows = _recall(known.get(key), dtype, packs) or _choose(rows, inp, dtype, count, packs)
+            choice = _recall(known.get(key), dtype, packs)
+            if choice is None:
+                log.info("timing products for a weight shape, once on this machine (the choice is kept)",
+                         extra={"shape": f"{out}x{inp}", "tunings": str(tunings.path())})
+                choice = _choose(rows, inp, dtype, count, packs)
+            layout, ways, pack_rows = choice
             known[key] = {"layout": layout, "ways": [way.__name__ for way in ways], "pack_rows": pack_rows}
             replaced = pack_rows == 1 and not tied
             extra = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
