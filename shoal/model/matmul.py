@@ -22,7 +22,6 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import psutil
 import torch
@@ -81,11 +80,7 @@ def packable(dtype: torch.dtype) -> bool:
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 with instructions of its own (AVX512-BF16 or AMX) and oneDNN packs it:
     elsewhere oneDNN emulates bfloat16, slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return packable(torch.bfloat16) and re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    return packable(torch.bfloat16) and re.search(r"\b(avx512_bf16|amx_bf16)\b", tunings.cpuinfo()) is not None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

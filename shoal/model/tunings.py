@@ -17,6 +17,7 @@ import torch
 from filelock import FileLock
 
 log = logging.getLogger("shoal.model")
+LOCK_WAIT_S = 600  # past this, a process tunes beside the one holding the lock (a big model, a stuck lock)
 
 
 def path() -> Path:
@@ -24,12 +25,17 @@ def path() -> Path:
     return Path(os.environ.get("SHOAL_CACHE_DIR") or platformdirs.user_cache_dir("shoal")) / "tunings.json"
 
 
+def cpuinfo() -> str:
+    """The kernel's description of the CPU (empty where there is none, off Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def machine() -> str:
     """What a choice depends on besides the weight's shape: the CPU, the libraries that multiply, the threads."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
+    info = cpuinfo()
     name = re.search(r"^model name\s*:\s*(.*)$", info, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.*)$", info, re.MULTILINE)
     digest = hashlib.sha256((flags.group(1) if flags else "").encode()).hexdigest()[:12]
@@ -46,7 +52,7 @@ def remembered() -> Iterator[dict[str, dict]]:
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(f"{file}.lock")
-        lock.acquire()
+        lock.acquire(timeout=LOCK_WAIT_S)  # its Timeout is an OSError
     except OSError as e:
         log.warning("tunings not kept: %s", e, extra={"path": str(file)})
         yield {}
