@@ -114,8 +114,8 @@ def test_one_process_tunes_at_a_time(cache):
 def test_a_lock_held_too_long_costs_only_the_keeping(monkeypatch, cache, caplog):
     monkeypatch.setattr(tunings, "LOCK_WAIT_S", 0.2)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{cache}.lock"), caplog.at_level(logging.WARNING, logger="shoal.model"):
-        with tunings.remembered() as known:
-            assert known == {}
-            known["shape"] = {"layout": "row", "ways": [], "pack_rows": 0}
+    with FileLock(f"{cache}.lock"), caplog.at_level(logging.WARNING, logger="shoal.model"), \
+            tunings.remembered() as known:
+        assert known == {}
+        known["shape"] = {"layout": "row", "ways": [], "pack_rows": 0}
     assert "tunings not kept" in caplog.text and not cache.exists()
