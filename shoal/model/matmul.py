@@ -259,8 +259,8 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
                 log.info("timing products for a weight shape, once on this machine (the choice is kept)",
                          extra={"shape": f"{out}x{inp}", "tunings": str(tunings.path())})
                 choice = _choose(rows, inp, dtype, count, packs)
+                known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]], "pack_rows": choice[2]}
             layout, ways, pack_rows = choice
-            known[key] = {"layout": layout, "ways": [way.__name__ for way in ways], "pack_rows": pack_rows}
             replaced = pack_rows == 1 and not tied
             extra = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
             if extra > spare:
