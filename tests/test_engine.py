@@ -313,14 +313,15 @@ def test_a_stage_takes_hidden_states_from_a_stage_in_another_dtype():
 def test_an_engine_on_packed_weights_matches_plain_ones_and_keys_its_cache_alike(tiny_model_dir):
     from shoal.engine.engine import fingerprint
     from shoal.model import load_model
-    from shoal.model.matmul import Linear, pack_loaded
+    from shoal.model.matmul import ROW_BUCKETS, Linear, pack_loaded, packed_product
     from shoal.model.tokenizer import Tokenizer
 
     path = tiny_model_dir("llama")
     plain, packed = load_model(path, device="cpu"), load_model(path, device="cpu")  # packing is a CPU layout
     tied = packed.lm_head.weight is packed.embed_tokens.weight
     for m in packed.modules():
-        m.pack_rows = int(isinstance(m, Linear))  # as `tune` chooses where it pays for every row count
+        if isinstance(m, Linear):
+            m.ways = (packed_product,) * len(ROW_BUCKETS)  # as `tune` chooses where it pays for every row count
     pack_loaded(packed)
     assert packed.layers[0].mlp.down_proj.weight.is_mkldnn
     assert not tied or (packed.lm_head.packed is not None and packed.lm_head.weight is packed.embed_tokens.weight)

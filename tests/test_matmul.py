@@ -27,7 +27,7 @@ from shoal.model.matmul import (
 
 
 def test_buckets_hold_their_rows():
-    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 64, 65, 512)] == [0, 1, 2, 2, 3, 3, 4, 6, 6, 6]
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 64, 65, 512, 513)] == [0, 1, 2, 2, 3, 3, 4, 6, 7, 7, 7]
     assert all(ROW_BUCKETS[bucket(n)] >= n for n in range(1, ROW_BUCKETS[-1] + 1))
 
 
@@ -49,11 +49,12 @@ def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
     torch.testing.assert_close(got, expected)
 
 
-def test_a_linear_multiplies_its_packed_copy_from_its_pack_rows_on():
+def test_a_linear_multiplies_its_packed_copy_in_the_buckets_that_take_it():
     linear = Linear(7, 11, bias=True)
-    linear.pack_rows, linear.packed = 3, pack(2 * linear.weight)  # a copy that tells which weight multiplied
+    linear.packed = pack(2 * linear.weight)  # a copy that tells which weight multiplied
+    linear.ways = (flipped, plain, packed_product, plain, *(packed_product,) * (len(ROW_BUCKETS) - 4))
     with torch.inference_mode():
-        for rows, factor in ((1, 1), (2, 1), (3, 2), (40, 2)):
+        for rows, factor in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 1), (9, 2), (40, 2), (600, 2)):
             x = torch.randn(rows, 7)
             torch.testing.assert_close(linear(x), F.linear(x, factor * linear.weight, linear.bias))
 
@@ -65,8 +66,9 @@ def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
     assert linears and all(len(m.ways) in (0, len(ROW_BUCKETS)) for m in linears)
     assert model.lm_head.weight is model.embed_tokens.weight and not model.lm_head.weight.is_mkldnn  # tied: a copy
     for m in linears:
-        assert m.weight.is_mkldnn == (m.pack_rows == 1 and m.packed is None)
-        assert (m.packed is not None) == (m.pack_rows > 0 and not m.weight.is_mkldnn)
+        packs = packed_product in m.ways
+        assert m.weight.is_mkldnn == (packs and all(way is packed_product for way in m.ways) and m.packed is None)
+        assert (m.packed is not None) == (packs and not m.weight.is_mkldnn)
         assert m.weight.is_mkldnn or m.weight.is_contiguous() or m.weight.stride() == (1, m.weight.shape[0])
 
 
@@ -137,7 +139,8 @@ def test_an_engines_config_says_whether_its_weights_get_packed_copies(monkeypatc
     import shoal.model.matmul as matmul
     from shoal.engine import Engine, EngineConfig
 
-    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", (), 3))
+    ways = (plain, *(packed_product,) * (len(ROW_BUCKETS) - 1))  # a packed copy for 2 rows and more
+    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", ways if packs else ()))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # no choice kept from an earlier load: this one chooses
     engine = Engine.from_dir(tiny_model_dir("llama"), EngineConfig(packed_copies=wanted))
     try:
@@ -171,33 +174,19 @@ def test_importing_shoal_makes_torchs_threads_wait_passively_unless_told(given, 
     assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize(("single", "batched", "rows"), [
-    (0.5, 1.0, 1), (1.0, 0.5, 1), (0.5, 0.5, 1),  # clearly faster for one, not slower for the other: always packed
-    (1.0, 1.0, 0), (0.95, 1.05, 0), (0.5, 2.0, 0),  # within noise of the best ways, or slower for batches: never
-    (2.0, 0.5, 2),  # faster for every batch, slower for a single row: a packed copy from 2 rows on
+@pytest.mark.parametrize(("packed", "flip", "best"), [
+    (0.5, 1.0, "packed_product"), (0.95, 1.0, "plain"),  # clearly faster than plain, or within its noise
+    (0.5, 0.4, "flipped"), (1.0, 0.85, "flipped"), (2.0, 0.95, "plain"),
 ])
-def test_packing_is_chosen_only_where_it_pays(single, batched, rows):
+def test_the_packed_product_is_timed_in_turn_with_the_ways_and_wins_a_bucket_as_they_do(monkeypatch, packed, flip,
+                                                                                           best):
     import shoal.model.matmul as matmul
 
-    larger = len(ROW_BUCKETS) - 1
-    assert matmul._pack_rows([single] + [batched / larger] * larger, [1.0] + [1.0 / larger] * larger) == rows
-
-
-def test_a_packed_copy_serves_the_buckets_from_which_it_is_clearly_faster():
-    import shoal.model.matmul as matmul
-
-    packed = [2.0, 1.1, 0.5, 1.0, 0.5, 0.5, 0.5]  # by bucket of 1-64 rows: faster at 4 rows, not at 8: from 9 on
-    assert matmul._pack_rows(packed, [1.0] * len(ROW_BUCKETS)) == 9
-
-
-def test_the_packed_product_is_timed_in_turn_with_the_ways_and_is_never_one_of_them(monkeypatch):
-    import shoal.model.matmul as matmul
-
-    calls, packed = [], [torch.ones(8, 4)]
-    monkeypatch.setattr(matmul, "_time", lambda ws, x, way: calls.append(way) or (0.1 if ws is packed else 1.0))
-    times, best = matmul._fastest([torch.ones(8, 4)], 2, packed)
-    assert calls == [*matmul.ways_for(torch.float32), matmul.packed_product] * matmul.ROUNDS
-    assert times[matmul.packed_product] == 0.1 and best is matmul.plain
+    calls, times = [], {matmul.packed_product: packed, matmul.flipped: flip}
+    monkeypatch.setattr(matmul, "_time", lambda ws, x, way: calls.append(way) or times.get(way, 1.0))
+    timed, way = matmul._fastest([torch.ones(8, 4)], 2, [torch.ones(8, 4)])
+    assert calls == list(matmul.ways_for(torch.float32, packs=True)) * matmul.ROUNDS
+    assert timed[matmul.packed_product] == packed and way.__name__ == best
 
 
 @pytest.mark.parametrize(("free_gb", "wanted", "copied"), [(64, True, True), (0.001, True, False), (64, False, False)])
@@ -209,12 +198,13 @@ def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypat
 
     _, path = hf_models("qwen2")
     reference = load_model(path, device="cpu")
-    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", (), 3))
+    ways = (plain, *(packed_product,) * (len(ROW_BUCKETS) - 1))  # a packed copy for 2 rows and more
+    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", ways))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # not the reference's choices: this load chooses
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_gb * 2**30}))
     model = load_model(path, device="cpu", packed_copies=wanted)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert all((m.packed is not None) == copied and m.pack_rows == (3 if copied else 0) for m in linears)
+    assert all((m.packed is not None) == copied and m.ways == (ways if copied else ()) for m in linears)
     assert not any(m.weight.is_mkldnn for m in linears) and model.lm_head.weight is model.embed_tokens.weight
     lengths = [9, 1, 2]
     seqs, bt = prompts(model.config.vocab_size, lengths), tables(lengths)

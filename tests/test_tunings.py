@@ -8,7 +8,7 @@ from filelock import FileLock
 
 import shoal.model.matmul as matmul
 from shoal.model import load_model, tunings
-from shoal.model.matmul import ROW_BUCKETS, Linear, flipped, packable
+from shoal.model.matmul import ROW_BUCKETS, Linear, flipped, packable, packed_product, plain
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def cache(monkeypatch, tmp_path):
     return tmp_path / "tunings.json"
 
 
-def choosing(monkeypatch, choice=("row", (), 0)) -> list:
+def choosing(monkeypatch, choice=("row", ())) -> list:
     """Make `_choose` return `choice` without timing; returns the list of its calls."""
     calls = []
 
@@ -31,19 +31,18 @@ def choosing(monkeypatch, choice=("row", (), 0)) -> list:
 
 def test_a_second_load_takes_the_kept_choices_without_timing(monkeypatch, hf_models, cache):
     _, path = hf_models("qwen2")
-    pack_rows = 3 if packable(torch.float32) else 0
-    first = choosing(monkeypatch, ("column", (flipped,) * len(ROW_BUCKETS), pack_rows))
+    ways = (flipped, *(packed_product if packable(torch.float32) else plain,) * (len(ROW_BUCKETS) - 1))
+    first = choosing(monkeypatch, ("column", ways))
     load_model(path, device="cpu")
     assert first and cache.is_file()
     kept = json.loads(cache.read_text())[tunings.machine()]
     assert len(kept) == len(first)
-    assert all(c == {"layout": "column", "ways": ["flipped"] * len(ROW_BUCKETS), "pack_rows": pack_rows}
-               for c in kept.values())
+    assert all(c == {"layout": "column", "ways": [way.__name__ for way in ways]} for c in kept.values())
     again = choosing(monkeypatch)
     model = load_model(path, device="cpu")
     assert again == []
     for m in (m for m in model.modules() if isinstance(m, Linear)):
-        assert m.ways == (flipped,) * len(ROW_BUCKETS) and m.pack_rows == pack_rows
+        assert m.ways == ways and (m.packed is not None) == (packed_product in ways)
         assert m.weight is model.embed_tokens.weight or m.weight.stride() == (1, m.weight.shape[0])  # column-major
 
 
@@ -98,7 +97,7 @@ def test_one_process_tunes_at_a_time(cache):
 
     def tune() -> None:
         with tunings.remembered() as known:
-            known["shape"] = {"layout": "row", "ways": [], "pack_rows": 0}
+            known["shape"] = {"layout": "row", "ways": []}
             entered.set()
 
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -117,5 +116,5 @@ def test_a_lock_held_too_long_costs_only_the_keeping(monkeypatch, cache, caplog)
     with FileLock(f"{cache}.lock"), caplog.at_level(logging.WARNING, logger="shoal.model"), \
             tunings.remembered() as known:
         assert known == {}
-        known["shape"] = {"layout": "row", "ways": [], "pack_rows": 0}
+        known["shape"] = {"layout": "row", "ways": []}
     assert "tunings not kept" in caplog.text and not cache.exists()

@@ -9,13 +9,14 @@ product is phrased, and the spread is wide:
 - oneDNN, given a weight packed once into its own blocked layout, ran bfloat16 products on that EPYC
   1.1-1.6x faster for one row and as fast for 64 (a 0.5B model decoded one sequence 18-35% faster),
   while float32 single rows ran twice as slow as OpenBLAS's.
-`tune` times every way on stand-ins of the model's weight shapes and keeps whichever is clearly faster
-than the plain product. Where oneDNN's packed product is clearly faster for batches only (float32 on that EPYC:
-1.4-1.6x at 64 rows, 1.1x at 512, but up to 1.4x slower for one row), a packed copy serves the batches and the
-weight as it was the single rows, if memory allows. The choices are kept on disk per machine (`tunings`): a
-model loads again without timing.
+`tune` times every way on stand-ins of the model's weight shapes, per row bucket, and keeps whichever is clearly
+faster than the plain product. Where oneDNN's packed product wins some buckets only (float32 on that EPYC: 1.4-1.6x
+at 64 rows, 1.1x at 512, but up to 1.4x slower for one row), a packed copy serves those buckets and the weight as
+it was the others, if memory allows. The choices are kept on disk per machine (`tunings`): a model loads again
+without timing.
 """
 
+import bisect
 import functools
 import logging
 import re
@@ -33,7 +34,10 @@ from shoal.model import paged, tunings
 
 log = logging.getLogger("shoal.model")
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # more rows go the last bucket's way: the ranking holds from there on
+# Decode ticks, then prefill chunks (n_batch's default): more rows go the last bucket's way. The ranking at 64
+# rows does not hold for 512: on an AMX Xeon a bfloat16 down projection ran 1.2x faster flipped at 64 rows, and
+# 1.8x slower at 512 (where its packed copy ran 2.2x faster)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512)
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
 # A weight is timed at its real shape up to this size: BLAS picks its kernel and its split across threads by
 # shape, so a cut-down stand-in can rank ways wrongly (an LM head of 152k rows runs 1.6x faster flipped at
@@ -92,8 +96,10 @@ def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
-def ways_for(dtype: torch.dtype) -> tuple[Way, ...]:
-    return (plain, flipped, openblas) if dtype == torch.float32 else (plain, flipped)
+def ways_for(dtype: torch.dtype, packs: bool = False) -> tuple[Way, ...]:
+    """The ways to time for a dtype; with `packs`, the packed product too (its weight being the packed one)."""
+    unpacked = (plain, flipped, openblas) if dtype == torch.float32 else (plain, flipped)
+    return (*unpacked, packed_product) if packs else unpacked
 
 
 def set_threads(n: int) -> None:
@@ -106,31 +112,31 @@ def set_threads(n: int) -> None:
 
 def bucket(rows: int) -> int:
     """Index of the smallest bucket holding `rows` (the last one for more)."""
-    return min(len(ROW_BUCKETS) - 1, max(0, rows - 1).bit_length())
+    return min(len(ROW_BUCKETS) - 1, bisect.bisect_left(ROW_BUCKETS, rows))
 
 
 class Linear(nn.Linear):
     """nn.Linear that multiplies the way `tune` found fastest for the row count: `ways` per row bucket (empty:
-    always plain), or by oneDNN from `pack_rows` rows on (0: never), on a packed weight that `pack_loaded` makes:
-    the weight itself where it serves every row count and no other module shares it, else a copy beside it."""
+    always plain). `packed_product` multiplies a weight that `pack_loaded` packed: the weight itself where every
+    bucket takes it and no other module shares it, else a copy beside it (`packed`)."""
 
     ways: tuple[Way, ...] = ()
-    pack_rows = 0
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.is_mkldnn:
             return packed_product(x, self.weight, self.bias)
-        if self.packed is not None and x.numel() >= self.pack_rows * x.shape[-1]:
-            return packed_product(x, self.packed, self.bias)
-        return product(x, self.weight, self.bias, self.ways)
+        return product(x, self.weight, self.bias, self.ways, self.packed)
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ways: tuple[Way, ...]) -> torch.Tensor:
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ways: tuple[Way, ...],
+            packed: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if ways else 0
     way = ways[bucket(rows)] if ways else plain
     if way is plain:
         return F.linear(x, weight, bias)
+    if way is packed_product:
+        return packed_product(x, packed, bias)
     out = way(x.reshape(rows, -1), weight)
     out = out if bias is None else out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -170,47 +176,42 @@ def _fastest(weights: list[torch.Tensor], rows: int,
     for _ in range(ROUNDS):
         for way, ws in operands.items():
             times[way] = min(times[way], _time(ws, x, way))
-    best = min((way for way in times if way is not packed_product), key=times.__getitem__)
+    best = min(times, key=times.__getitem__)
     return times, best if times[best] < CLEARLY * times[plain] else plain
 
 
-def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> tuple[str, tuple[Way, ...], int]:
-    """The layout of weights of this shape (row or column), the way to multiply per row bucket and, with `packs`,
-    the row count from which to multiply a packed weight instead (0: never; see `_pack_rows`), timed on `count`
-    stand-ins of `rows` rows. Between row and column, the layout is the one faster for a single row: the latency
-    of decoding one sequence."""
+def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> tuple[str, tuple[Way, ...]]:
+    """The layout of weights of this shape (row or column) and the way to multiply per row bucket (with `packs`,
+    the packed product among them), timed on `count` stand-ins of `rows` rows. Between row and column, the layout
+    is the one faster for a single row: the latency of decoding one sequence."""
     rows_major = [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
     packed = [pack(w) for w in rows_major] if packs else None
     by_row = _fastest(rows_major, 1, packed)
     if by_row[0][plain] / len(rows_major) < QUICK_S:
-        return "row", (), 0
+        return "row", ()
     cols_major = [column_major(w) for w in rows_major]
     by_col = _fastest(cols_major, 1, packed)
     columns = _unpacked(by_col[0]) < _unpacked(by_row[0])
     layout, weights, single = ("column", cols_major, by_col) if columns else ("row", rows_major, by_row)
     timed = [single] + [_fastest(weights, n, packed) for n in ROW_BUCKETS[1:]]
-    ways = tuple(way for _, way in timed)
-    if not packs:
-        return layout, ways, 0
-    return layout, ways, _pack_rows([times[packed_product] for times, _ in timed], [_unpacked(t) for t, _ in timed])
+    return layout, tuple(way for _, way in timed)
 
 
-def _recall(entry: dict | None, dtype: torch.dtype, packs: bool) -> tuple[str, tuple[Way, ...], int] | None:
+def _recall(entry: dict | None, dtype: torch.dtype, packs: bool) -> tuple[str, tuple[Way, ...]] | None:
     """A choice as `tunings` kept it, if it is one `_choose` could have made (else None, to choose again)."""
     if entry is None:
         return None
-    ways = {way.__name__: way for way in ways_for(dtype)}
+    ways = {way.__name__: way for way in ways_for(dtype, packs)}
     try:
-        layout, names, pack_rows = entry["layout"], entry["ways"], entry["pack_rows"]
+        layout, names = entry["layout"], entry["ways"]
         valid = (layout in ("row", "column") and isinstance(names, list) and len(names) in (0, len(ROW_BUCKETS))
-                 and all(name in ways for name in names) and isinstance(pack_rows, int)
-                 and 0 <= pack_rows <= (ROW_BUCKETS[-1] if packs else 0))
+                 and all(name in ways for name in names))
     except (KeyError, TypeError):
         valid = False
     if not valid:
         log.warning("a kept tuning is not a valid choice, timing again", extra={"tuning": entry})
         return None
-    return layout, tuple(ways[name] for name in names), pack_rows
+    return layout, tuple(ways[name] for name in names)
 
 
 def _unpacked(times: dict[Way, float]) -> float:
@@ -218,28 +219,15 @@ def _unpacked(times: dict[Way, float]) -> float:
     return min(t for way, t in times.items() if way is not packed_product)
 
 
-def _pack_rows(packed: list[float], best: list[float]) -> int:
-    """From how many rows the packed product is to be used, by its times per row bucket against the `best` other
-    ways': 1 where it clearly beats them for a single row or summed over the larger buckets and is not clearly
-    slower for either; else the first row count of the smallest bucket from which it is clearly faster in every
-    bucket; else 0."""
-    pairs = ((packed[0], best[0]), (sum(packed[1:]), sum(best[1:])))
-    if any(p < CLEARLY * b for p, b in pairs) and all(CLEARLY * p <= b for p, b in pairs):
-        return 1
-    for k in range(1, len(ROW_BUCKETS)):
-        if all(t < CLEARLY * b for t, b in zip(packed[k:], best[k:], strict=True)):
-            return ROW_BUCKETS[k - 1] + 1
-    return 0
-
-
 def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     """Choose layout and way for every CPU `Linear` of a model whose weights are about to be loaded (a weight
     whose layout changes gets fresh, unset memory; one to be packed is packed by `pack_loaded` once loaded),
     timing as many stand-ins of each weight shape as the model has, up to TIMING_BYTES, so that they stream
     from memory as the model's weights do in a forward: their values do not change the time. A weight packed
-    for batches only, or shared with another module (an LM head tied to the embedding), is packed as a copy,
-    while the weights and copies fit in COPIES_SHARE of the free memory (never without `copies`). A choice this
-    machine kept (`tunings`) is taken as it is, untimed. Returns the choices, by shape."""
+    for some row buckets only, or shared with another module (an LM head tied to the embedding), is packed as a
+    copy while the weights and copies fit in COPIES_SHARE of the free memory (never without `copies`); else those
+    buckets multiply plainly. A choice this machine kept (`tunings`) is taken as it is, untimed. Returns the
+    choices, by shape."""
     shared = _shared(model)
     groups: dict[tuple, list[Linear]] = defaultdict(list)
     for module in model.modules():
@@ -253,26 +241,26 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             # A shared weight can only be packed as a copy: without copies, its packed products are not timed
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
-            key = f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count}{', packable' * packs}"
+            key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count} at {ROW_BUCKETS[-1]} rows or"
+                   f" fewer{', packable' * packs}")
             choice = _recall(known.get(key), dtype, packs)
             if choice is None:
                 log.info("timing products for a weight shape, once on this machine (the choice is kept)",
                          extra={"shape": f"{out}x{inp}", "tunings": str(tunings.path())})
                 choice = _choose(rows, inp, dtype, count, packs)
-                known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]], "pack_rows": choice[2]}
-            layout, ways, pack_rows = choice
-            replaced = pack_rows == 1 and not tied
-            extra = 0 if replaced or not pack_rows else sum(m.weight.nbytes for m in modules)
+                known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]]}
+            layout, ways = choice
+            replaced = bool(ways) and all(way is packed_product for way in ways) and not tied
+            extra = 0 if replaced or packed_product not in ways else sum(m.weight.nbytes for m in modules)
             if extra > spare:
-                pack_rows = extra = 0
+                ways, extra = tuple(plain if way is packed_product else way for way in ways), 0
             spare -= extra
             for m in modules:
                 if layout == "column" and not replaced and m.weight.is_contiguous():  # not column-major already
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
                 m.ways = ways if any(way is not plain for way in ways) else ()  # () skips the bucket lookup
-                m.pack_rows = pack_rows
             names = ", ".join(f"{n}: {w.__name__}" for n, w in zip(ROW_BUCKETS, ways, strict=True)) if ways else "plain"
-            copy = f"; a packed copy for {pack_rows}+ rows" if extra else ""
+            copy = "; a packed copy" if extra else ""
             chosen[(out, inp)] = "packed by oneDNN" if replaced else f"{layout}-major; {names}{copy}"
     return chosen
 
@@ -282,9 +270,9 @@ def pack_loaded(model: nn.Module) -> None:
     no other module shares it, else as a copy beside the weight."""
     shared = _shared(model)
     for m in model.modules():
-        if not isinstance(m, Linear) or not m.pack_rows or m.weight.is_mkldnn or m.packed is not None:
+        if not isinstance(m, Linear) or packed_product not in m.ways or m.weight.is_mkldnn or m.packed is not None:
             continue
-        if m.pack_rows == 1 and id(m.weight) not in shared:
+        if all(way is packed_product for way in m.ways) and id(m.weight) not in shared:
             m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
         else:
             m.packed = pack(m.weight)
