@@ -250,7 +250,7 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
                 choice = _choose(rows, inp, dtype, count, packs)
                 known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]]}
             layout, ways = choice
-            replaced = bool(ways) and all(way is packed_product for way in ways) and not tied
+            replaced = _packed_only(ways) and not tied
             extra = 0 if replaced or packed_product not in ways else sum(m.weight.nbytes for m in modules)
             if extra > spare:
                 ways, extra = tuple(plain if way is packed_product else way for way in ways), 0
@@ -272,10 +272,15 @@ def pack_loaded(model: nn.Module) -> None:
     for m in model.modules():
         if not isinstance(m, Linear) or packed_product not in m.ways or m.weight.is_mkldnn or m.packed is not None:
             continue
-        if all(way is packed_product for way in m.ways) and id(m.weight) not in shared:
+        if _packed_only(m.ways) and id(m.weight) not in shared:
             m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
         else:
             m.packed = pack(m.weight)
+
+
+def _packed_only(ways: tuple[Way, ...]) -> bool:
+    """Whether every row bucket multiplies the packed weight: it can be packed in place, with no copy beside it."""
+    return bool(ways) and all(way is packed_product for way in ways)
 
 
 def _shared(model: nn.Module) -> set[int]:
