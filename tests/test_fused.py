@@ -86,6 +86,13 @@ def test_silu_mul_writes_into_gate(rows):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_copy_for_the_calling_thread_keeps_the_kernels_error_model():
+    # Python's model checks each divisor, and that branch kept silu_mul's thread-less loop from vectorizing
+    parallel, caller = fused._SILU_MUL
+    assert parallel.targetoptions["error_model"] == caller.targetoptions["error_model"] == "numpy"
+    assert fused._NORM[1].targetoptions.get("error_model", "python") == "python"
+
+
 @pytest.mark.parametrize("rows", [1, 64])
 def test_rotate_turns_a_strided_view_in_place_as_apply_rotary_does(rows):
     qkv = torch.randn(rows, 18 * 64)
