@@ -25,13 +25,17 @@ def test_exp_is_within_a_few_roundings_and_is_0_below_float32s_range_and_finite_
     assert out[:3].tolist() == [0, 0, 0] and out[3:6].tolist() == [np.exp(np.float32(88))] * 3
 
 
-def test_cpu_float32_and_bfloat16_tensors_take_the_kernels_split_among_threads_from_torchs_grain_on():
+def test_cpu_float32_and_bfloat16_tensors_take_the_kernels_split_among_threads_from_each_kernels_grain_on():
     assert fused.supports(torch.zeros(64, 896)) and fused.supports(torch.zeros(1, 896, dtype=torch.bfloat16))
     assert not fused.supports(torch.zeros(64, 896, dtype=torch.float16))
-    assert fused._pick(fused._NORM, torch.zeros(64, 896)) is fused._norm
-    # one sequence's decode: on the calling thread, as torch would run it, but one pass
-    on_caller = fused._pick(fused._NORM, torch.zeros(1, 896))
-    assert on_caller is not fused._norm and not on_caller.targetoptions.get("parallel")
+    assert fused._pick(fused._NORM, torch.zeros(512, 896)) is fused._norm
+    # one sequence's decode, and the light loops of a 64-sequence one: on the calling thread, in one pass
+    for kernel, x in ((fused._NORM, torch.zeros(1, 896)), (fused._NORM, torch.zeros(64, 896)),
+                      (fused._ROTATE, torch.zeros(64, 16, 64))):
+        on_caller = fused._pick(kernel, x)
+        assert on_caller is kernel.caller and not on_caller.targetoptions.get("parallel")
+    # SiLU's exp makes each element dearer: its threads pay off at fewer rows
+    assert fused._pick(fused._SILU_MUL, torch.zeros(64, 4864)) is fused._silu_mul
 
 
 @njit
@@ -88,9 +92,9 @@ def test_silu_mul_writes_into_gate(rows):
 
 def test_the_copy_for_the_calling_thread_keeps_the_kernels_error_model():
     # Python's model checks each divisor, and that branch kept silu_mul's thread-less loop from vectorizing
-    parallel, caller = fused._SILU_MUL
-    assert parallel.targetoptions["error_model"] == caller.targetoptions["error_model"] == "numpy"
-    assert fused._NORM[1].targetoptions.get("error_model", "python") == "python"
+    kernel = fused._SILU_MUL
+    assert kernel.threaded.targetoptions["error_model"] == kernel.caller.targetoptions["error_model"] == "numpy"
+    assert fused._NORM.caller.targetoptions.get("error_model", "python") == "python"
 
 
 @pytest.mark.parametrize("rows", [1, 64])

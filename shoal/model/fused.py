@@ -3,8 +3,8 @@
 torch runs every elementwise op as its own parallel loop, and each wakes the sleeping OpenMP threads: at 64 rows a
 0.5B model's layer ran about 15 of them (norms, residual adds, rotation, SiLU and its product) for about 1.5 ms,
 10% of a decode step on 2 cores. Here a residual add and the norm after it, a rotation, and SiLU with its product
-are each one numba loop over the rows. Tensors too small for torch to split among its threads (GRAIN elements, as
-in one sequence's decode) take the same loops compiled to run on the calling thread, where waking numba's threads
+are each one numba loop over the rows. Tensors smaller than a loop's grain (one sequence's decode, and for the light
+loops a few hundred rows) take the same loop compiled to run on the calling thread, where waking numba's threads
 would cost more than the work: one call where torch ran several ops (a single sequence's decode step 3-6% faster
 than with torch's ops, four runs alternated in one process). bfloat16 tensors take the same loops: numpy, and so
 numba, has no bfloat16, so their bits are read as uint16, widened to float32, computed on, and rounded back (to
@@ -17,6 +17,7 @@ exp, which keeps a loop from vectorizing: in the paged attention's softmax that 
 """
 
 import types
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,8 +26,6 @@ from numba import njit, prange
 from numba import types as nb_types
 from numba.core.dispatcher import Dispatcher
 from numba.extending import intrinsic, overload
-
-GRAIN = 32768  # at::internal::GRAIN_SIZE: torch runs an elementwise op over fewer elements on one thread
 
 # exp(r) for |r| <= ln(2) / 2 as its Taylor series to r**7, highest power first: within a float32 rounding or two
 _TAYLOR = tuple(np.float32(1 / np.prod(np.arange(1, i + 1, dtype=np.float64))) for i in range(7, -1, -1))
@@ -54,8 +53,17 @@ def on_caller(kernel: Dispatcher) -> Dispatcher:
     return njit(fastmath=True, cache=True, error_model=kernel.targetoptions.get("error_model", "python"))(copy)
 
 
-def _pick(kernels: tuple[Dispatcher, Dispatcher], x: torch.Tensor) -> Dispatcher:
-    return kernels[0] if x.numel() >= GRAIN else kernels[1]
+class Kernel(NamedTuple):
+    """A loop compiled twice: split among numba's threads, and on the calling thread for fewer than `grain`
+    elements."""
+
+    threaded: Dispatcher
+    caller: Dispatcher
+    grain: int
+
+
+def _pick(kernel: Kernel, x: torch.Tensor) -> Dispatcher:
+    return kernel.threaded if x.numel() >= kernel.grain else kernel.caller
 
 
 @intrinsic
@@ -146,7 +154,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 def warm(dtype: torch.dtype) -> None:
     """Compile (or load from numba's disk cache) every kernel for a dtype now, not in a request's first tick: both
     variants, and the rotation for the strided q and k of a qkv projection as well as for contiguous ones."""
-    for rows in (8, GRAIN):
+    for rows in (8, max(k.grain for k in _KERNELS) // 4):  # the narrowest tensor below has 4 elements a row
         x, w, c = (torch.ones(*shape, dtype=dtype) for shape in ((rows, 8), (8,), (rows, 1, 4)))
         add_rms_norm(x, x.clone(), w, 1e-6), rms_norm(x, w, 1e-6), silu_mul(x.clone(), x)
         rotate(c.clone(), c, c), rotate(x[:, :4].view(rows, 1, 4), c, c)
@@ -199,4 +207,12 @@ def _rotate(x, cos, signed_sin):
                 x[i, h, e + half] = narrow(x, b * wide(cos[i, e + half]) + a * wide(signed_sin[i, e + half]))
 
 
-_ADD_NORM, _NORM, _SILU_MUL, _ROTATE = ((k, on_caller(k)) for k in (_add_norm, _norm, _silu_mul, _rotate))
+# Grains: waking numba's threads after a product costs about 100 us on 2 cores, so a loop stays on the caller until
+# it alone would take longer than the two threads woken, by element counts measured per loop (AMD EPYC, AVX2, float32,
+# medians of 200 calls each after a product; caller against threads): add_norm over 896-wide rows 119 against 202 us
+# at 192 rows, 723 against 584 at 1,024; silu_mul over 4,864-wide rows 160 against 183 at 32 rows, 277 against 228
+# at 48; rotate over 16 heads of 64, 158 against 203 at 384 rows, 331 against 300 at 1,024. torch's grain (32,768
+# elements) sent a 64-sequence decode step's norms and rotations to the threads at twice their cost on the caller
+_KERNELS = _ADD_NORM, _NORM, _SILU_MUL, _ROTATE = tuple(
+    Kernel(k, on_caller(k), grain) for k, grain in ((_add_norm, 2**18), (_norm, 2**18), (_silu_mul, 2**17),
+                                                    (_rotate, 2**20)))
