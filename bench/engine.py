@@ -4,6 +4,10 @@
   `generate` on static left-padded batches of the same size, same prompts. By default every request is in
   flight at once on both sides (the engine's n_seq_max and transformers' batch are the request count);
   --batch sets a smaller size for both.
+- ratio_at_matmul_peak: the throughput ratio shoal would reach if every FLOP of its run (forward_flops) ran at the
+  plain matmul's rate and nothing else took time: throughput_ratio_vs_hf = ratio_at_matmul_peak x flops_fraction.
+  It is the ceiling of an engine doing this run's work on this machine, so a target ratio needs a flops_fraction
+  of at least target / ratio_at_matmul_peak.
 - flops_fraction: FLOP/s the engine achieved in that run over a plain matmul's FLOP/s (its best of 5 rounds; on a
   CPU the best of torch's, oneDNN's with a packed weight and, in float32, numpy's BLAS, since the engine may
   multiply with each).
@@ -180,13 +184,14 @@ def run(path: Path, prefix_path: Path, setup: dict, dtype: str | None) -> dict:
     prefix_engine = Engine.from_dir(prefix_path, EngineConfig(kv_cache_mb=1024, dtype=dtype))
     prefix = asyncio.run(prefix_speedup(prefix_engine, vocab))
     prefix_engine.close()
-    tokens, achieved = setup["requests"] * n, forward_flops(model, batch, n) / ours
+    tokens, flops = setup["requests"] * n, forward_flops(model, batch, n)
+    achieved = flops / ours
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), **setup,
         "shoal_tok_s": round(tokens / ours, 2), "hf_tok_s": round(tokens / theirs, 2),
-        "throughput_ratio_vs_hf": round(theirs / ours, 3),
+        "throughput_ratio_vs_hf": round(theirs / ours, 3), "ratio_at_matmul_peak": round(theirs * matmul / flops, 3),
         "matmul_gflop_s": round(matmul / 1e9, 1), "achieved_gflop_s": round(achieved / 1e9, 1),
         "flops_fraction": round(achieved / matmul, 3),
         "copy_gb_s": round(bandwidth / 1e9, 1), "decode_batch1_tok_s": round(decode, 2),
