@@ -140,7 +140,7 @@ def test_an_engines_config_says_whether_its_weights_get_packed_copies(monkeypatc
     from shoal.engine import Engine, EngineConfig
 
     ways = (plain, *(packed_product,) * (len(ROW_BUCKETS) - 1))  # a packed copy for 2 rows and more
-    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", ways if packs else ()))
+    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs, *_: ("row", ways if packs else ()))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # no choice kept from an earlier load: this one chooses
     engine = Engine.from_dir(tiny_model_dir("llama"), EngineConfig(packed_copies=wanted))
     try:
@@ -199,7 +199,7 @@ def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypat
     _, path = hf_models("qwen2")
     reference = load_model(path, device="cpu")
     ways = (plain, *(packed_product,) * (len(ROW_BUCKETS) - 1))  # a packed copy for 2 rows and more
-    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs: ("row", ways))
+    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs, *_: ("row", ways))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # not the reference's choices: this load chooses
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_gb * 2**30}))
     model = load_model(path, device="cpu", packed_copies=wanted)
@@ -210,3 +210,20 @@ def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypat
     seqs, bt = prompts(model.config.vocab_size, lengths), tables(lengths)
     got, expected = (forward_batch(m, seqs, m.new_cache(sum(map(len, bt))), bt) for m in (model, reference))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_head_is_timed_up_to_its_rows_and_takes_that_buckets_way_beyond(monkeypatch):
+    import shoal.model.matmul as matmul
+
+    timed = []
+
+    def fastest(weights, rows, packed=None):
+        timed.append(rows)
+        return {plain: 1.0}, flipped if rows == 64 else plain
+
+    monkeypatch.setattr(matmul, "_fastest", fastest)
+    ways = matmul._choose(8, 4, torch.float32, 1, False, timed_rows=64)[1]
+    assert 512 not in timed and 64 in timed
+    assert len(ways) == len(ROW_BUCKETS) and ways[-2] is ways[-1] is flipped
+    timed.clear()
+    assert matmul._choose(8, 4, torch.float32, 1, False)[1][-1] is plain and 512 in timed

@@ -118,3 +118,13 @@ def test_a_lock_held_too_long_costs_only_the_keeping(monkeypatch, cache, caplog)
         assert known == {}
         known["shape"] = {"layout": "row", "ways": []}
     assert "tunings not kept" in caplog.text and not cache.exists()
+
+
+def test_the_lm_head_is_timed_up_to_64_rows_the_other_weights_up_to_a_prefill_tick(monkeypatch, hf_models, cache):
+    _, path = hf_models("qwen2")
+    calls = choosing(monkeypatch)
+    model = load_model(path, device="cpu")
+    head = tuple(model.lm_head.weight.shape)
+    assert {(rows, inp): top for rows, inp, *_, top in calls}[head] == 64
+    assert {top for rows, inp, *_, top in calls if (rows, inp) != head} == {ROW_BUCKETS[-1]}
+    assert any("at 64 rows or fewer" in key for key in json.loads(cache.read_text())[tunings.machine()])

@@ -122,6 +122,9 @@ class Linear(nn.Linear):
 
     ways: tuple[Way, ...] = ()
     packed: torch.Tensor | None = None
+    # The most rows `tune` times: more take that bucket's way. An LM head multiplies one row per sampled sequence,
+    # at most n_seq_max, never a prefill tick's 512: timing it there took 12 of a 0.5B model's 30 s for its head
+    timed_rows: int = ROW_BUCKETS[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.is_mkldnn:
@@ -182,10 +185,12 @@ def _fastest(weights: list[torch.Tensor], rows: int,
     return times, best if times[best] < CLEARLY * times[plain] else plain
 
 
-def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool) -> tuple[str, tuple[Way, ...]]:
+def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool,
+            timed_rows: int = ROW_BUCKETS[-1]) -> tuple[str, tuple[Way, ...]]:
     """The layout of weights of this shape (row or column) and the way to multiply per row bucket (with `packs`,
-    the packed product among them), timed on `count` stand-ins of `rows` rows. Between row and column, the layout
-    is the one faster for a single row: the latency of decoding one sequence."""
+    the packed product among them), timed on `count` stand-ins of `rows` rows, for buckets up to `timed_rows` (the
+    buckets above take the last one's way). Between row and column, the layout is the one faster for a single row:
+    the latency of decoding one sequence."""
     rows_major = [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
     packed = [pack(w) for w in rows_major] if packs else None
     by_row = _fastest(rows_major, 1, packed)
@@ -195,8 +200,8 @@ def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool) ->
     by_col = _fastest(cols_major, 1, packed)
     columns = _unpacked(by_col[0]) < _unpacked(by_row[0])
     layout, weights, single = ("column", cols_major, by_col) if columns else ("row", rows_major, by_row)
-    timed = [single] + [_fastest(weights, n, packed) for n in ROW_BUCKETS[1:]]
-    return layout, tuple(way for _, way in timed)
+    ways = [single[1]] + [_fastest(weights, n, packed)[1] for n in ROW_BUCKETS[1:] if n <= timed_rows]
+    return layout, tuple(ways + ways[-1:] * (len(ROW_BUCKETS) - len(ways)))
 
 
 def _recall(entry: dict | None, dtype: torch.dtype, packs: bool) -> tuple[str, tuple[Way, ...]] | None:
@@ -234,22 +239,23 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     groups: dict[tuple, list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu":
-            groups[(*module.weight.shape, module.weight.dtype, id(module.weight) in shared)].append(module)
+            groups[(*module.weight.shape, module.weight.dtype, id(module.weight) in shared, module.timed_rows)].append(
+                module)
     weights = sum(p.nbytes for p in model.parameters())
     spare = COPIES_SHARE * psutil.virtual_memory().available - weights if copies else 0
     chosen = {}
     with torch.inference_mode(), tunings.remembered() as known:
-        for (out, inp, dtype, tied), modules in groups.items():
+        for (out, inp, dtype, tied, timed_rows), modules in groups.items():
             # A shared weight can only be packed as a copy: without copies, its packed products are not timed
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
-            key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count} at {ROW_BUCKETS[-1]} rows or"
+            key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count} at {timed_rows} rows or"
                    f" fewer{', packable' * packs}")
             choice = _recall(known.get(key), dtype, packs)
             if choice is None:
                 log.info("timing products for a weight shape, once on this machine (the choice is kept)",
                          extra={"shape": f"{out}x{inp}", "tunings": str(tunings.path())})
-                choice = _choose(rows, inp, dtype, count, packs)
+                choice = _choose(rows, inp, dtype, count, packs, timed_rows)
                 known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]]}
             layout, ways = choice
             replaced = _packed_only(ways) and not tied

@@ -29,6 +29,7 @@ class Transformer(nn.Module):
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head.timed_rows = 64  # see Linear.timed_rows
         self.tie()
         self.rotary: Rotary | None = None
 
