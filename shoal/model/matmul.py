@@ -123,7 +123,7 @@ class Linear(nn.Linear):
     ways: tuple[Way, ...] = ()
     packed: torch.Tensor | None = None
     # The most rows `tune` times: more take that bucket's way. An LM head multiplies one row per sampled sequence,
-    # at most n_seq_max, never a prefill tick's 512: timing it there took 12 of a 0.5B model's 30 s for its head
+    # at most n_seq_max, never a prefill tick's 512: timing it there took about 11 of the 30 s of a 0.5B model's head
     timed_rows: int = ROW_BUCKETS[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,8 +239,8 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     groups: dict[tuple, list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu":
-            groups[(*module.weight.shape, module.weight.dtype, id(module.weight) in shared, module.timed_rows)].append(
-                module)
+            group = (*module.weight.shape, module.weight.dtype, id(module.weight) in shared, module.timed_rows)
+            groups[group].append(module)
     weights = sum(p.nbytes for p in model.parameters())
     spare = COPIES_SHARE * psutil.virtual_memory().available - weights if copies else 0
     chosen = {}
