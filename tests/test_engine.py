@@ -138,7 +138,14 @@ def test_a_request_whose_event_loop_closed_is_cancelled_and_the_engine_goes_on(m
 
 def test_a_request_past_its_timeout_ends_with_timeout(make_engine):
     engine = make_engine()
-    params = SamplingParams(max_tokens=450, ignore_eos=True, timeout_s=0.5)  # 450 tokens take seconds
+    forward = engine.runner.forward
+
+    def paced(batch):  # 450 ticks take at least 2.25 s on any host (a Zen 5 core decodes the demo model's 450 in 0.4)
+        time.sleep(0.005)
+        return forward(batch)
+
+    engine.runner.forward = paced
+    params = SamplingParams(max_tokens=450, ignore_eos=True, timeout_s=0.5)
     _, ids, stats = run(alone(engine, [[1, 2, 3]], params))[0]
     assert (stats.finish_reason, stats.state) == ("timeout", "FAILED") and 0 < len(ids) < 450
 
