@@ -140,7 +140,7 @@ def test_a_request_past_its_timeout_ends_with_timeout(make_engine):
     engine = make_engine()
     forward = engine.runner.forward
 
-    def paced(batch):  # 450 ticks take at least 2.25 s on any host (a Zen 5 core decodes the demo model's 450 in 0.4)
+    def paced(batch):  # 450 ticks take 2.25 s or more on any host (a Zen 5 host decoded them in under 0.5 s)
         time.sleep(0.005)
         return forward(batch)
 
