@@ -183,7 +183,7 @@ def test_the_packed_product_is_timed_in_turn_with_the_ways_and_wins_a_bucket_as_
     import shoal.model.matmul as matmul
 
     calls, times = [], {matmul.packed_product: packed, matmul.flipped: flip}
-    monkeypatch.setattr(matmul, "_time", lambda ws, x, way: calls.append(way) or times.get(way, 1.0))
+    monkeypatch.setattr(matmul, "_time", lambda ws, x, way, evict: calls.append(way) or times.get(way, 1.0))
     timed, way = matmul._fastest([torch.ones(8, 4)], 2, [torch.ones(8, 4)])
     assert calls == list(matmul.ways_for(torch.float32, packs=True)) * matmul.ROUNDS
     assert timed[matmul.packed_product] == packed and way.__name__ == best
@@ -217,7 +217,7 @@ def test_a_head_is_timed_up_to_its_rows_and_takes_that_buckets_way_beyond(monkey
 
     timed = []
 
-    def fastest(weights, rows, packed=None):
+    def fastest(weights, rows, packed=None, evict=None):
         timed.append(rows)
         return {plain: 1.0}, flipped if rows == 64 else plain
 

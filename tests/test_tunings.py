@@ -125,6 +125,41 @@ def test_the_lm_head_is_timed_up_to_64_rows_the_other_weights_up_to_a_prefill_ti
     calls = choosing(monkeypatch)
     model = load_model(path, device="cpu")
     head = tuple(model.lm_head.weight.shape)
-    assert {(rows, inp): top for rows, inp, *_, top in calls}[head] == 64
-    assert {top for rows, inp, *_, top in calls if (rows, inp) != head} == {ROW_BUCKETS[-1]}
+    tops = {(rows, inp): top for rows, inp, _, _, _, top, _ in calls}
+    assert tops[head] == 64 and {top for shape, top in tops.items() if shape != head} == {ROW_BUCKETS[-1]}
     assert any("at 64 rows or fewer" in key for key in json.loads(cache.read_text())[tunings.machine()])
+
+
+@pytest.mark.parametrize("larger", [True, False])
+def test_a_model_larger_than_the_last_level_cache_is_timed_from_memory(monkeypatch, hf_models, cache, larger):
+    _, path = hf_models("qwen2")
+    evictions = []
+    monkeypatch.setattr(matmul, "last_level_cache", lambda: 1 if larger else 2**40)
+    monkeypatch.setattr(matmul.Evict, "__call__", lambda self: evictions.append(self))
+    load_model(path, device="cpu")
+    keys = json.loads(cache.read_text())[tunings.machine()]
+    assert bool(evictions) == larger and len({id(e) for e in evictions}) == larger  # one buffer for the whole load
+    assert all(key.endswith(", from memory") == larger for key in keys)
+
+
+def test_eviction_reads_twice_the_last_level_cache_at_most_a_gib(monkeypatch):
+    for cache_bytes, read in ((3 * 2**20, 6 * 2**20), (2**30, 2**30)):
+        monkeypatch.setattr(matmul, "last_level_cache", lambda cache_bytes=cache_bytes: cache_bytes)
+        evict = matmul.Evict()
+        evict()
+        assert evict.buffer.nbytes == read
+
+
+def test_the_last_level_cache_is_the_largest_linux_reports(monkeypatch, tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K"), ("index4", "junk")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(f"{size}\n")
+    monkeypatch.setattr(matmul, "CPU_CACHES", tmp_path)
+    matmul.last_level_cache.cache_clear()
+    try:
+        assert matmul.last_level_cache() == 491520 * 2**10
+        monkeypatch.setattr(matmul, "CPU_CACHES", tmp_path / "none")
+        matmul.last_level_cache.cache_clear()
+        assert matmul.last_level_cache() == 32 * 2**20
+    finally:
+        matmul.last_level_cache.cache_clear()

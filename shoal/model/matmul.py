@@ -23,6 +23,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import torch
@@ -39,6 +40,13 @@ log = logging.getLogger("shoal.model")
 # 1.8x slower at 512 (where its packed copy ran 2.2x faster)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512)
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
+# A model larger than the last-level cache streams its weights from memory in a forward, but a shape's stand-ins
+# can stay in a large cache: on an AMX Xeon with 480 MB of L3, timed from it, a bfloat16 0.5B model's single-row
+# qkv, o and down products took the plain way, 1.2-1.4x slower from memory than the packed one (its batch-1 decode
+# 9-16% slower). For such a model each timing starts after reading this many caches' worth of other memory.
+EVICT_CACHES = 2
+EVICT_MAX_BYTES = 2**30
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # where Linux describes the first CPU's caches
 # A weight is timed at its real shape up to this size: BLAS picks its kernel and its split across threads by
 # shape, so a cut-down stand-in can rank ways wrongly (an LM head of 152k rows runs 1.6x faster flipped at
 # 16 rows, a cut of 19k rows does not).
@@ -157,20 +165,49 @@ def _stand_in_shape(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple
     return rows, max(1, min(count, TIMING_BYTES // (rows * inp * dtype.itemsize)))
 
 
-def _time(weights: list[torch.Tensor], x: torch.Tensor, way: Way) -> float:
+@functools.cache
+def last_level_cache() -> int:
+    """Bytes of the CPU's largest cache, as Linux reports it (32 MiB where it does not)."""
+    sizes = []
+    for file in CPU_CACHES.glob("index*/size"):
+        try:
+            text = file.read_text().strip()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 * 2**20)
+
+
+class Evict:
+    """Reads EVICT_CACHES last-level caches' worth of memory (at most EVICT_MAX_BYTES, allocated at the first
+    call and freed with this object), so that what was read before comes from memory again."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        if self.buffer is None:
+            self.buffer = torch.ones(min(EVICT_CACHES * last_level_cache(), EVICT_MAX_BYTES) // 4)
+        self.buffer.sum()
+
+
+def _time(weights: list[torch.Tensor], x: torch.Tensor, way: Way, evict: Evict | None = None) -> float:
     """Seconds for one product with each weight, after an untimed one: a library whose threads slept, or spun
     on after the other library's product, is timed as it runs in a forward, where products follow each other.
     The untimed one takes a single row: it wakes the threads as well, and a full one at 512 rows doubled the
-    timing of an LM head's 512-row bucket (a 0.5B model's first load: 36.5 s, 27.2 with one row, on 2 cores)."""
+    timing of an LM head's 512-row bucket (a 0.5B model's first load: 36.5 s, 27.2 with one row, on 2 cores).
+    With `evict`, the weights are then evicted from the caches, the one just multiplied among them."""
     way(x[:1], weights[0])
+    if evict is not None:
+        evict()
     began = time.perf_counter()
     for w in weights:
         way(x, w)
     return time.perf_counter() - began
 
 
-def _fastest(weights: list[torch.Tensor], rows: int,
-             packed: list[torch.Tensor] | None = None) -> tuple[dict[Way, float], Way]:
+def _fastest(weights: list[torch.Tensor], rows: int, packed: list[torch.Tensor] | None = None,
+             evict: Evict | None = None) -> tuple[dict[Way, float], Way]:
     """Each way's time (with `packed`, the packed product's on those weights too), and the way to use: the quickest
     one if clearly faster than plain, else plain. All take turns, round after round, so a slow moment of the
     machine does not count against one of them only (timed apart, or for one round only, the packed product won
@@ -180,27 +217,27 @@ def _fastest(weights: list[torch.Tensor], rows: int,
     times = dict.fromkeys(operands, float("inf"))
     for _ in range(ROUNDS):
         for way, ws in operands.items():
-            times[way] = min(times[way], _time(ws, x, way))
+            times[way] = min(times[way], _time(ws, x, way, evict))
     best = min(times, key=times.__getitem__)
     return times, best if times[best] < CLEARLY * times[plain] else plain
 
 
-def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool,
-            timed_rows: int = ROW_BUCKETS[-1]) -> tuple[str, tuple[Way, ...]]:
+def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool, timed_rows: int = ROW_BUCKETS[-1],
+            evict: Evict | None = None) -> tuple[str, tuple[Way, ...]]:
     """The layout of weights of this shape (row or column) and the way to multiply per row bucket (with `packs`,
     the packed product among them), timed on `count` stand-ins of `rows` rows, for buckets up to `timed_rows` (the
     buckets above take the last one's way). Between row and column, the layout is the one faster for a single row:
     the latency of decoding one sequence."""
     rows_major = [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
     packed = [pack(w) for w in rows_major] if packs else None
-    by_row = _fastest(rows_major, 1, packed)
+    by_row = _fastest(rows_major, 1, packed, evict)
     if by_row[0][plain] / len(rows_major) < QUICK_S:
         return "row", ()
     cols_major = [column_major(w) for w in rows_major]
-    by_col = _fastest(cols_major, 1, packed)
+    by_col = _fastest(cols_major, 1, packed, evict)
     columns = _unpacked(by_col[0]) < _unpacked(by_row[0])
     layout, weights, single = ("column", cols_major, by_col) if columns else ("row", rows_major, by_row)
-    ways = [single[1]] + [_fastest(weights, n, packed)[1] for n in ROW_BUCKETS[1:] if n <= timed_rows]
+    ways = [single[1]] + [_fastest(weights, n, packed, evict)[1] for n in ROW_BUCKETS[1:] if n <= timed_rows]
     return layout, tuple(ways + ways[-1:] * (len(ROW_BUCKETS) - len(ways)))
 
 
@@ -230,7 +267,8 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     """Choose layout and way for every CPU `Linear` of a model whose weights are about to be loaded (a weight
     whose layout changes gets fresh, unset memory; one to be packed is packed by `pack_loaded` once loaded),
     timing as many stand-ins of each weight shape as the model has, up to TIMING_BYTES, so that they stream
-    from memory as the model's weights do in a forward: their values do not change the time. A weight packed
+    from memory as the model's weights do in a forward (evicted from the caches before each timing where the
+    model outgrows the last-level cache): their values do not change the time. A weight packed
     for some row buckets only, or shared with another module (an LM head tied to the embedding), is packed as a
     copy while the weights and copies fit in COPIES_SHARE of the free memory (never without `copies`); else those
     buckets multiply plainly. A choice this machine kept (`tunings`) is taken as it is, untimed. Returns the
@@ -243,6 +281,7 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             groups[group].append(module)
     weights = sum(p.nbytes for p in model.parameters())
     spare = COPIES_SHARE * psutil.virtual_memory().available - weights if copies else 0
+    evict = Evict() if weights > last_level_cache() else None
     chosen = {}
     with torch.inference_mode(), tunings.remembered() as known:
         for (out, inp, dtype, tied, timed_rows), modules in groups.items():
@@ -250,12 +289,12 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
             key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count} at {timed_rows} rows or"
-                   f" fewer{', packable' * packs}")
+                   f" fewer{', packable' * packs}{', from memory' * (evict is not None)}")
             choice = _recall(known.get(key), dtype, packs)
             if choice is None:
                 log.info("timing products for a weight shape, once on this machine (the choice is kept)",
                          extra={"shape": f"{out}x{inp}", "tunings": str(tunings.path())})
-                choice = _choose(rows, inp, dtype, count, packs, timed_rows)
+                choice = _choose(rows, inp, dtype, count, packs, timed_rows, evict)
                 known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]]}
             layout, ways = choice
             replaced = _packed_only(ways) and not tied
