@@ -42,8 +42,8 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512)
 TIMING_BYTES = 64 * 2**20  # twice the last-level cache of common CPUs
 # A model larger than the last-level cache streams its weights from memory in a forward, but a shape's stand-ins
 # can stay in a large cache: on an AMX Xeon with 480 MB of L3, timed from it, a bfloat16 0.5B model's single-row
-# qkv, o and down products took the plain way, 1.2-1.4x slower from memory than the packed one (its batch-1 decode
-# 9-16% slower). For such a model each timing starts after reading this many caches' worth of other memory.
+# qkv and down products took the plain way, 1.2-1.4x slower from memory than the packed one (its batch-1 decode
+# 3-16% slower). For such a model each timing starts after reading this many caches' worth of other memory.
 EVICT_CACHES = 2
 EVICT_MAX_BYTES = 2**30
 CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # where Linux describes the first CPU's caches
