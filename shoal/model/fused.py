@@ -67,7 +67,7 @@ def _pick(kernel: Kernel, x: torch.Tensor) -> Dispatcher:
 
 
 @intrinsic
-def _float_bits(typingctx, bits):
+def float_bits(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
 
@@ -91,7 +91,7 @@ def _wide(v):
     """An element as float32: a float32 as it is, a bfloat16's uint16 bits as the float32 they are the top half of."""
     if v == nb_types.float32:
         return lambda v: v
-    return lambda v: _float_bits(np.int32(v) << np.int32(16))
+    return lambda v: float_bits(np.int32(v) << np.int32(16))
 
 
 def narrow(a, v):  # typed per call by numba: see _narrow
@@ -122,7 +122,7 @@ def exp(x):
     p = np.float32(0.0)
     for c in _TAYLOR:
         p = p * r + c
-    return p * _float_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+    return p * float_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,

@@ -32,6 +32,7 @@ from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from shoal.model import paged, tunings
+from shoal.model.gemv import gemv, gemv_on_caller
 
 log = logging.getLogger("shoal.model")
 
@@ -104,9 +105,14 @@ def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
-def ways_for(dtype: torch.dtype, packs: bool = False) -> tuple[Way, ...]:
-    """The ways to time for a dtype; with `packs`, the packed product too (its weight being the packed one)."""
-    unpacked = (plain, flipped, openblas) if dtype == torch.float32 else (plain, flipped)
+def ways_for(dtype: torch.dtype, packs: bool = False, rows: int = 1) -> tuple[Way, ...]:
+    """The ways to time for a dtype and row count; with `packs`, the packed product too (its weight being the
+    packed one). bfloat16 single rows may take numba's matrix-vector kernels, which no row count above takes."""
+    if dtype == torch.float32:
+        unpacked = (plain, flipped, openblas)
+    else:
+        single = dtype == torch.bfloat16 and rows == 1
+        unpacked = (plain, flipped, gemv, gemv_on_caller) if single else (plain, flipped)
     return (*unpacked, packed_product) if packs else unpacked
 
 
@@ -213,7 +219,8 @@ def _fastest(weights: list[torch.Tensor], rows: int, packed: list[torch.Tensor] 
     machine does not count against one of them only (timed apart, or for one round only, the packed product won
     or lost from one load to the next: a 0.5B model's LM head once left unpacked, 1.3x slower at 64 rows)."""
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
-    operands = dict.fromkeys(ways_for(weights[0].dtype), weights) | ({packed_product: packed} if packed else {})
+    ways = ways_for(weights[0].dtype, rows=rows)
+    operands = dict.fromkeys(ways, weights) | ({packed_product: packed} if packed else {})
     times = dict.fromkeys(operands, float("inf"))
     for _ in range(ROUNDS):
         for way, ws in operands.items():

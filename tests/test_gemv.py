@@ -1,0 +1,61 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shoal.model.gemv import gemv, gemv_on_caller
+from shoal.model.matmul import ROW_BUCKETS, Linear, _recall, column_major, plain, ways_for
+
+
+def exact(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The product of bfloat16 operands in float64: what a float32-accumulating kernel approximates."""
+    return F.linear(x.double(), weight.double())
+
+
+KERNELS = [gemv, gemv_on_caller]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("out", "k"), [(11, 8), (1152, 896), (5, 4864)])
+def test_bfloat16_rows_times_the_weight(kernel, rows, out, k):
+    g = torch.Generator().manual_seed(out + k)
+    weight = torch.randn(out, k, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    got = kernel(x, weight)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out) and got.is_contiguous()
+    expected = exact(x, weight)
+    # within a bfloat16 rounding of the result, as oneDNN's product is
+    torch.testing.assert_close(got.double(), expected, rtol=2**-7, atol=1e-3 * k**0.5)
+    torch.testing.assert_close(got.double(), F.linear(x, weight).double(), rtol=2**-7, atol=1e-3 * k**0.5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", ["float32", "column-major", "odd k"])
+def test_other_operands_take_the_plain_product(kernel, case):
+    g = torch.Generator().manual_seed(0)
+    k = 7 if case == "odd k" else 8
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    weight = torch.randn(5, k, generator=g).to(dtype)
+    weight = column_major(weight) if case == "column-major" else weight
+    x = torch.randn(2, k, generator=g).to(dtype)
+    assert torch.equal(kernel(x, weight), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_it_is_timed_for_bfloat16_single_rows_only(kernel):
+    assert kernel in ways_for(torch.bfloat16) and kernel in ways_for(torch.bfloat16, packs=True)
+    assert all(kernel not in ways_for(torch.bfloat16, rows=n) for n in ROW_BUCKETS[1:])
+    assert all(kernel not in ways_for(dtype) for dtype in (torch.float32, torch.float16))
+
+
+def test_a_kept_choice_of_it_is_recalled_and_multiplies():
+    names = ["gemv_on_caller", "gemv", *["plain"] * (len(ROW_BUCKETS) - 2)]
+    layout, ways = _recall({"layout": "row", "ways": names}, torch.bfloat16, packs=False)
+    assert layout == "row" and ways[:2] == (gemv_on_caller, gemv) and all(way is plain for way in ways[2:])
+    linear = Linear(64, 24, bias=True, dtype=torch.bfloat16)
+    linear.ways = ways
+    x = torch.randn(1, 1, 64).bfloat16()
+    with torch.inference_mode():
+        got = linear(x)
+    assert got.shape == (1, 1, 24)
+    torch.testing.assert_close(got.double(), exact(x, linear.weight) + linear.bias.double(), rtol=2**-6, atol=0.02)
