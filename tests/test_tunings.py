@@ -142,6 +142,21 @@ def test_a_model_larger_than_the_last_level_cache_is_timed_from_memory(monkeypat
     assert all(key.endswith(", from memory") == larger for key in keys)
 
 
+def test_a_choice_is_kept_under_the_ways_it_was_made_among(monkeypatch, hf_models, cache):
+    _, path = hf_models("qwen2")
+    calls = choosing(monkeypatch)
+    model = load_model(path, device="cpu")
+    timed = len(calls)
+    offered = "/".join(way.__name__ for way in matmul.ways_for(model.dtype, packable(model.dtype)))
+    keys = json.loads(cache.read_text())[tunings.machine()]
+    assert timed and len(keys) == timed and all(f" by {offered}, " in key for key in keys)
+    load_model(path, device="cpu")
+    assert len(calls) == timed  # the same ways: the kept choices are taken
+    monkeypatch.setattr(matmul, "ways_for", lambda dtype, packs=False, rows=1: (plain, flipped))
+    load_model(path, device="cpu")
+    assert len(calls) == 2 * timed  # chosen among other ways: timed again
+
+
 def test_eviction_reads_twice_the_last_level_cache_at_most_a_gib(monkeypatch):
     for cache_bytes, read in ((3 * 2**20, 6 * 2**20), (2**30, 2**30)):
         monkeypatch.setattr(matmul, "last_level_cache", lambda cache_bytes=cache_bytes: cache_bytes)

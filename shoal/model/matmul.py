@@ -55,6 +55,9 @@ FULL_SHAPE_BYTES = 1 * 2**30
 # A choice leaves the plain product only for a clear gain: where the two are close, timing noise would
 # otherwise make processes on one machine (a stage and its replica) choose differently and round differently.
 CLEARLY = 0.9
+# The most rows for which `gemv` is timed: on a Zen 4 EPYC it beat oneDNN's packed product by 15-80% at 2 rows
+# on every shape but down (20% slower), and lost at 4 and more on all but qkv
+GEMV_ROWS = 2
 PACK_ROWS = 64  # the row count oneDNN lays a packed weight out for (it takes any)
 COPIES_SHARE = 0.5  # the weights with their packed copies take at most this share of the memory free at load
 ROUNDS = 3  # each way is timed this many times, taking turns with the others; the quickest counts
@@ -107,12 +110,12 @@ def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def ways_for(dtype: torch.dtype, packs: bool = False, rows: int = 1) -> tuple[Way, ...]:
     """The ways to time for a dtype and row count; with `packs`, the packed product too (its weight being the
-    packed one). bfloat16 single rows may take numba's matrix-vector kernels, which no row count above takes."""
+    packed one). Up to GEMV_ROWS bfloat16 rows may take numba's matrix-vector kernels."""
     if dtype == torch.float32:
         unpacked = (plain, flipped, openblas)
     else:
-        single = dtype == torch.bfloat16 and rows == 1
-        unpacked = (plain, flipped, gemv, gemv_on_caller) if single else (plain, flipped)
+        few = dtype == torch.bfloat16 and rows <= GEMV_ROWS
+        unpacked = (plain, flipped, gemv, gemv_on_caller) if few else (plain, flipped)
     return (*unpacked, packed_product) if packs else unpacked
 
 
@@ -295,8 +298,10 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             # A shared weight can only be packed as a copy: without copies, its packed products are not timed
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
-            key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')}, timed on {count} at {timed_rows} rows or"
-                   f" fewer{', packable' * packs}{', from memory' * (evict is not None)}")
+            # The ways are in the key: a choice made among others (before a way was added, say) is made again
+            offered = "/".join(way.__name__ for way in ways_for(dtype, packs))
+            key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')} by {offered}, timed on {count} at {timed_rows}"
+                   f" rows or fewer{', from memory' * (evict is not None)}")
             choice = _recall(known.get(key), dtype, packs)
             if choice is None:
                 log.info("timing products for a weight shape, once on this machine (the choice is kept)",
