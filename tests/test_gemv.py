@@ -60,3 +60,16 @@ def test_a_kept_choice_of_it_is_recalled_and_multiplies():
         got = linear(x)
     assert got.shape == (1, 1, 24)
     torch.testing.assert_close(got.double(), exact(x, linear.weight) + linear.bias.double(), rtol=2**-6, atol=0.02)
+
+
+def test_loading_a_bfloat16_model_compiles_the_kernels(monkeypatch, hf_models):
+    import shoal.model.gemv as module
+    from shoal.model import load_model
+
+    warmed = []
+    monkeypatch.setattr(module, "warm", lambda: warmed.append(True))
+    _, path = hf_models("qwen2")
+    load_model(path, device="cpu", dtype="float32")
+    assert not warmed
+    load_model(path, device="cpu", dtype="bfloat16")
+    assert warmed

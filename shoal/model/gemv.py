@@ -32,6 +32,12 @@ def gemv_on_caller(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _product(_gemv_on_caller, x, weight)
 
 
+def warm() -> None:
+    """Compile (or load from numba's disk cache) both kernels now, not in a request's first tick."""
+    x = torch.ones(1, 2, dtype=torch.bfloat16)
+    gemv(x, x), gemv_on_caller(x, x)
+
+
 def _product(kernel: Dispatcher, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows, k = x.shape
     if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or not weight.is_contiguous() or k % 2:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from shoal.model import fused
+from shoal.model import fused, gemv
 from shoal.model.config import ModelConfig
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
 from shoal.model.matmul import native_bfloat16, pack_loaded, tune
@@ -62,6 +62,8 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
     if device.type == "cpu":
         if dtype in fused.DTYPES:
             fused.warm(dtype)
+        if dtype == torch.bfloat16:
+            gemv.warm()
         choices = tune(model, packed_copies)
         log.debug("linear layers tuned", extra={"choices": {f"{o}x{i}": c for (o, i), c in choices.items()}})
     files = weight_files(path)
