@@ -30,7 +30,7 @@ def test_bfloat16_rows_times_the_weight(kernel, rows, out, k):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("case", ["float32", "column-major", "odd k"])
+@pytest.mark.parametrize("case", ["float32", "column-major", "odd k", "odd offset"])
 def test_other_operands_take_the_plain_product(kernel, case):
     g = torch.Generator().manual_seed(0)
     k = 7 if case == "odd k" else 8
@@ -38,6 +38,9 @@ def test_other_operands_take_the_plain_product(kernel, case):
     weight = torch.randn(5, k, generator=g).to(dtype)
     weight = column_major(weight) if case == "column-major" else weight
     x = torch.randn(2, k, generator=g).to(dtype)
+    if case == "odd offset":
+        weight = torch.randn(5 * k + 1, generator=g).to(dtype)[1:].view(5, k)
+        x = torch.randn(2 * k + 1, generator=g).to(dtype)[1:].view(2, k)
     assert torch.equal(kernel(x, weight), F.linear(x, weight))
 
 

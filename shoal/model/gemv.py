@@ -19,7 +19,8 @@ from shoal.model.fused import array, float_bits, narrow, on_caller
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for x [rows, k] and a row-major bfloat16 weight [n, k] of even k (any other takes F.linear).
+    """x @ weight.T for bfloat16 x [rows, k] and a row-major weight [n, k] of even k (other operands, or views
+    that start mid-pair, take F.linear).
     Each weight row is read once, for all of x's rows: a kernel for few rows. The rows are split among numba's
     threads."""
     return _product(_gemv, x, weight)
@@ -39,12 +40,17 @@ def warm() -> None:
 
 
 def _product(kernel: Dispatcher, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    rows, k = x.shape
-    if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or not weight.is_contiguous() or k % 2:
+    x = x.contiguous()
+    if not (_pairs(x) and _pairs(weight)):
         return F.linear(x, weight)
-    out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
-    kernel(weight.view(torch.int32).numpy(), x.contiguous().view(torch.int32).numpy(), array(out))
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    kernel(weight.view(torch.int32).numpy(), x.view(torch.int32).numpy(), array(out))
     return out
+
+
+def _pairs(t: torch.Tensor) -> bool:
+    """Whether a tensor's rows can be read as int32 pairs of bfloat16."""
+    return t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape[-1] % 2 == 0 and t.storage_offset() % 2 == 0
 
 
 @njit(parallel=True, fastmath=True, cache=True)
