@@ -76,3 +76,20 @@ def test_loading_a_bfloat16_model_compiles_the_kernels(monkeypatch, hf_models):
     assert not warmed
     load_model(path, device="cpu", dtype="bfloat16")
     assert warmed
+
+
+def test_a_bfloat16_model_decodes_with_it_as_with_the_plain_product(monkeypatch, hf_models, tmp_path):
+    import shoal.model.matmul as matmul
+    from shoal.model import load_model
+    from shoal.model.generate import generate
+
+    _, path = hf_models("qwen2")
+    tokens = {}
+    for ways in ((gemv_on_caller, gemv, *[plain] * (len(ROW_BUCKETS) - 2)), ()):
+        monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path / str(len(ways))))
+        monkeypatch.setattr(matmul, "_choose", lambda *args, ways=ways: ("row", ways))
+        model = load_model(path, device="cpu", dtype="bfloat16")
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert linears and all(m.ways == ways for m in linears)
+        tokens[ways] = list(generate(model, [3, 14, 15, 92, 65], max_tokens=12))
+    assert len(set(map(tuple, tokens.values()))) == 1
