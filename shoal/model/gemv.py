@@ -20,9 +20,8 @@ from shoal.model.fused import array, float_bits, narrow, on_caller
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for bfloat16 x [rows, k] and a row-major weight [n, k] of even k (other operands, or views
-    that start mid-pair, take F.linear).
-    Each weight row is read once, for all of x's rows: a kernel for few rows. The rows are split among numba's
-    threads."""
+    that start mid-pair, take F.linear). Each weight row is read once, for all of x's rows: a kernel for few rows.
+    The weight's rows are split among numba's threads."""
     return _product(_gemv, x, weight)
 
 
