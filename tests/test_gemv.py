@@ -5,13 +5,12 @@ import torch.nn.functional as F
 from shoal.model.gemv import gemv, gemv_on_caller
 from shoal.model.matmul import GEMV_ROWS, ROW_BUCKETS, Linear, _recall, column_major, plain, ways_for
 
+KERNELS = [gemv, gemv_on_caller]
+
 
 def exact(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The product of bfloat16 operands in float64: what a float32-accumulating kernel approximates."""
     return F.linear(x.double(), weight.double())
-
-
-KERNELS = [gemv, gemv_on_caller]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
