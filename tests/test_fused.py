@@ -64,7 +64,7 @@ def test_bfloat16_chains_are_float32_math_rounded_once(rows):
     torch.testing.assert_close(normed.float(), F.rms_norm(total.float(), (896,), weight.float(), 1e-6), **BF16)
     gate, up = (torch.randn(rows, 4864) * 40).bfloat16(), torch.randn(rows, 4864).bfloat16()
     expected = F.silu(gate.float()) * up.float()
-    torch.testing.assert_close(fused.silu_mul(gate, up).float(), expected, **BF16)
+    torch.testing.assert_close(fused.silu_mul(torch.cat([gate, up], dim=1)).float(), expected, **BF16)
     q, cos, sin = (torch.randn(*shape).bfloat16() for shape in ((rows, 16, 64), (rows, 1, 64), (rows, 1, 64)))
     expected = apply_rotary(q.float(), cos.float(), sin.float())
     torch.testing.assert_close(fused.rotate(q, cos, sin).float(), expected, **BF16)
@@ -82,11 +82,12 @@ def test_add_rms_norm_adds_into_the_residual_and_norms_the_sum(rows):
 
 
 @pytest.mark.parametrize("rows", [1, 64])
-def test_silu_mul_writes_into_gate(rows):
+def test_silu_mul_takes_gate_then_up_and_returns_a_contiguous_half(rows):
     gate, up = torch.randn(rows, 4864) * 40, torch.randn(rows, 4864)  # past exp's range both ways
+    gate_up = torch.cat([gate, up], dim=1)
     expected = F.silu(gate) * up
-    out = fused.silu_mul(gate, up)
-    assert out is gate
+    out = fused.silu_mul(gate_up)
+    assert out.shape == (rows, 4864) and out.is_contiguous() and torch.equal(gate_up, torch.cat([gate, up], dim=1))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -139,10 +139,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, into gate."""
-    _pick(_SILU_MUL, gate)(array(gate), array(up))
-    return gate
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows [n, 2 * width] of gate then up, as a new contiguous [n, width]."""
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    _pick(_SILU_MUL, out)(array(gate_up), array(out))
+    return out
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,7 @@ def warm(dtype: torch.dtype) -> None:
     variants, and the rotation for the strided q and k of a qkv projection as well as for contiguous ones."""
     for rows in (8, max(k.grain for k in _KERNELS) // 4):  # the narrowest tensor below has 4 elements a row
         x, w, c = (torch.ones(*shape, dtype=dtype) for shape in ((rows, 8), (8,), (rows, 1, 4)))
-        add_rms_norm(x, x.clone(), w, 1e-6), rms_norm(x, w, 1e-6), silu_mul(x.clone(), x)
+        add_rms_norm(x, x.clone(), w, 1e-6), rms_norm(x, w, 1e-6), silu_mul(x)
         rotate(c.clone(), c, c), rotate(x[:, :4].view(rows, 1, 4), c, c)
 
 
@@ -189,11 +190,12 @@ def _norm(x, weight, eps, out):
 # and that branch kept the loop from vectorizing once compiled without threads (prange's loops take numpy's model
 # anyway): at one row of a 0.5B model's MLP 18-28 us against 3-4, at four rows 75-105 against 13-14
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _silu_mul(gate, up):
-    for i in prange(gate.shape[0]):
-        for j in range(gate.shape[1]):
-            g = wide(gate[i, j])
-            gate[i, j] = narrow(gate, g / (np.float32(1.0) + exp(-g)) * wide(up[i, j]))
+def _silu_mul(gate_up, out):
+    width = out.shape[1]
+    for i in prange(out.shape[0]):
+        for j in range(width):
+            g = wide(gate_up[i, j])
+            out[i, j] = narrow(out, g / (np.float32(1.0) + exp(-g)) * wide(gate_up[i, width + j]))
 
 
 @njit(parallel=True, fastmath=True, cache=True)

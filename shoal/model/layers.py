@@ -105,17 +105,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        # Two projections, not one fused: a CPU matrix-vector product is faster on the smaller matrices
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        # gate and up as one product, as q, k and v are: on a Zen 4 EPYC, one bfloat16 row streamed their weights
+        # at 28-31 GB/s in one threaded call (model/gemv.py) against 21-27 in two, and float32 packed products ran
+        # 5% faster at 64 rows, 12% at 512
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        if fused.supports(gate):
-            return self.down_proj(fused.silu_mul(gate, self.up_proj(x)))
-        # in place: no fresh [rows, intermediate] buffers
-        return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if fused.supports(gate_up):
+            return self.down_proj(fused.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no fresh [rows, intermediate]
 
 
 class DecoderLayer(nn.Module):

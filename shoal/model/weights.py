@@ -17,6 +17,7 @@ log = logging.getLogger("shoal.model")
 
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors' floating-point dtypes: bytes an element
@@ -116,6 +117,8 @@ def _split_rows(config: ModelConfig, module: str, rows: int) -> list[int]:
     if module == "self_attn.qkv_proj":
         kv = config.num_key_value_heads * config.head_dim
         return [config.num_attention_heads * config.head_dim, kv, kv]
+    if module == "mlp.gate_up_proj":
+        return [rows // 2, rows // 2]
     return [rows]
 
 
