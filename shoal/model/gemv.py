@@ -60,16 +60,27 @@ def _gemv(w, x, out):
     even, odd = np.empty((x.shape[0], half), np.float32), np.empty((x.shape[0], half), np.float32)
     for r in range(x.shape[0]):
         for j in range(half):
-            even[r, j], odd[r, j] = float_bits(x[r, j] << np.int32(16)), float_bits(x[r, j] & np.int32(-65536))
+            even[r, j], odd[r, j] = _low(x[r, j]), _high(x[r, j])
     for i in prange(n):
         weights = w[i]
         for r in range(x.shape[0]):
             xe, xo = even[r], odd[r]
             acc = np.float32(0.0)
             for j in range(half):
-                b = weights[j]
-                acc += float_bits(b << np.int32(16)) * xe[j] + float_bits(b & np.int32(-65536)) * xo[j]
+                acc += _low(weights[j]) * xe[j] + _high(weights[j]) * xo[j]
             out[r, i] = narrow(out, acc)
+
+
+@njit(inline="always")
+def _low(pair):
+    """The bfloat16 in an int32 pair's low half (its even element), as float32."""
+    return float_bits(pair << np.int32(16))
+
+
+@njit(inline="always")
+def _high(pair):
+    """The bfloat16 in an int32 pair's high half (its odd element), as float32."""
+    return float_bits(pair & np.int32(-65536))
 
 
 _gemv_on_caller = on_caller(_gemv)
