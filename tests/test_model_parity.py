@@ -40,8 +40,9 @@ def tables(lengths: list[int], block_size: int = 16) -> list[list[int]]:
 
 def forward_batch(model, seqs: list[list[int]], kv, block_tables, starts=None, in_place=False):
     starts = starts or [0] * len(seqs)
+    # A head size the in-place kernel does not take (qwen3's 24 here) attends through the gather, as in serving
     batch = AttentionBatch.build(block_tables, starts, [len(s) for s in seqs],
-                                 sliding_window=model.config.sliding_window, in_place=in_place)
+                                 sliding_window=model.config.sliding_window, in_place=in_place and kv.in_place)
     hidden = model(torch.tensor([t for s in seqs for t in s]), batch, kv)
     return model.compute_logits(hidden)
 

@@ -11,9 +11,9 @@ from shoal.model.kv import AttentionBatch, PagedKVCache
 BLOCK = 16
 
 
-def scattered_tables(lengths: list[int], seed: int = 0) -> tuple[list[list[int]], int]:
+def scattered_tables(lengths: list[int], seed: int = 0, block: int = BLOCK) -> tuple[list[list[int]], int]:
     """Block tables over a shuffled pool, so no sequence's blocks lie in order."""
-    counts = [-(-n // BLOCK) for n in lengths]
+    counts = [-(-n // block) for n in lengths]
     pool = np.random.default_rng(seed).permutation(sum(counts)).tolist()
     tables, at = [], 0
     for c in counts:
@@ -23,7 +23,8 @@ def scattered_tables(lengths: list[int], seed: int = 0) -> tuple[list[list[int]]
 
 
 def reference(q: torch.Tensor, cache: PagedKVCache, table: list[int], begin: int, end: int) -> torch.Tensor:
-    slots = (torch.tensor(table)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[begin:end]
+    block = cache.block_size
+    slots = (torch.tensor(table)[:, None] * block + torch.arange(block)).flatten()[begin:end]
     k, v = (c[0][slots].float().transpose(0, 1)[None] for c in (cache.k, cache.v))
     return F.scaled_dot_product_attention(q.float()[None, :, None], k, v, enable_gqa=True).reshape(-1)
 
@@ -32,10 +33,12 @@ def reference(q: torch.Tensor, cache: PagedKVCache, table: list[int], begin: int
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("lengths", [[1, 5, 16, 17, 40, 77], [17, 40]], ids=["a task a sequence", "a task a head"])
 @pytest.mark.parametrize("serial_work", [paged.SERIAL_WORK, 0], ids=["on the caller", "on numba's threads"])
-def test_in_place_attention_equals_sdpa_over_gathered_context(monkeypatch, dtype, tol, window, lengths, serial_work):
+@pytest.mark.parametrize("block", [BLOCK, 2 * BLOCK])
+def test_in_place_attention_equals_sdpa_over_gathered_context(monkeypatch, dtype, tol, window, lengths, serial_work,
+                                                              block):
     monkeypatch.setattr(paged, "SERIAL_WORK", serial_work)
-    tables, blocks = scattered_tables(lengths)
-    cache = PagedKVCache(1, blocks, 2, 32, dtype=dtype)
+    tables, blocks = scattered_tables(lengths, block=block)
+    cache = PagedKVCache(1, blocks, 2, 32, dtype=dtype, block_size=block)
     cache.k.normal_()
     cache.v.normal_()
     q = torch.randn(len(lengths), 6, 32, dtype=dtype)
@@ -44,17 +47,41 @@ def test_in_place_attention_equals_sdpa_over_gathered_context(monkeypatch, dtype
         row[:len(t)] = t
     ends = np.array(lengths, dtype=np.int32)
     begins = np.zeros_like(ends) if window is None else np.maximum(0, ends - window).astype(np.int32)
-    got = paged.attend(q, cache.k[0], cache.v[0], padded, ends, begins, BLOCK)
+    got = paged.attend(q, cache.k[0], cache.v[0], padded, ends, begins, block)
     assert got.dtype == dtype and got.shape == (len(lengths), 6 * 32)
     for i, t in enumerate(tables):
         want = reference(q[i], cache, t, int(begins[i]), lengths[i])
         torch.testing.assert_close(got[i].float(), want, atol=tol, rtol=0)
 
 
+def test_keys_outside_the_window_do_not_swamp_the_softmax():
+    """Scores are taken 16 tokens at a time, some of them before the window: their keys, however large, must not
+    set the softmax's maximum (every attended score's exp would come out 0)."""
+    tables, blocks = scattered_tables([40])
+    cache = PagedKVCache(1, blocks, 1, 16)
+    cache.v.normal_()
+    slots = torch.tensor(tables[0])[:, None] * BLOCK + torch.arange(BLOCK)
+    cache.k[0, slots.flatten()[:20]] = 1e3  # before the window
+    cache.k[0, slots.flatten()[20:40]] = 0.01
+    q = torch.ones(1, 1, 16)
+    got = paged.attend(q, cache.k[0], cache.v[0], np.array(tables, np.int32), np.array([40], np.int32),
+                       np.array([20], np.int32), BLOCK)
+    torch.testing.assert_close(got[0], reference(q[0], cache, tables[0], 20, 40), atol=1e-5, rtol=0)
+
+
+def test_a_head_size_the_kernel_does_not_take_is_refused_by_name():
+    cache = PagedKVCache(1, 2, 2, 24)
+    with pytest.raises(ValueError, match="not 24 and 16"):
+        paged.attend(torch.ones(1, 2, 24), cache.k[0], cache.v[0], np.zeros((1, 1), np.int32), np.ones(1, np.int32),
+                     np.zeros(1, np.int32), BLOCK)
+
+
 def test_only_caches_it_reads_attend_in_place():
-    assert PagedKVCache(1, 2, 2, 8).in_place
-    assert PagedKVCache(1, 2, 2, 8, dtype=torch.bfloat16).in_place
-    assert not PagedKVCache(1, 2, 2, 8, dtype=torch.float16).in_place  # numba has no float16
+    assert PagedKVCache(1, 2, 2, 16).in_place
+    assert PagedKVCache(1, 2, 2, 32, dtype=torch.bfloat16, block_size=32).in_place
+    assert not PagedKVCache(1, 2, 2, 16, dtype=torch.float16).in_place  # numba has no float16
+    assert not PagedKVCache(1, 2, 2, 24).in_place  # its vector loops take 16 elements of a head at a time
+    assert not PagedKVCache(1, 2, 2, 16, block_size=8).in_place  # and 16 tokens of a block
 
 
 def mixed_tick(model) -> tuple[torch.Tensor, list[list[int]], list[int], list[int], PagedKVCache]:

@@ -29,7 +29,7 @@ class PagedKVCache:
     @property
     def in_place(self) -> bool:
         """Whether decoding rows attend where their K/V lie (model/paged.py), not through a gather."""
-        return paged.supports(self.k)
+        return paged.supports(self.k, self.block_size)
 
     @property
     def bytes_per_block(self) -> int:

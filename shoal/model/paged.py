@@ -3,18 +3,19 @@
 Gathering each decoding sequence's context into a padded batch and then calling SDPA copied every K/V row
 once and read it twice, and padded short contexts to the longest: at 64 sequences of 96-576 tokens a layer's
 attention took 8-9 ms in a 0.5B model's decode step (2 cores), about a quarter of the step. This kernel walks
-each sequence's block table instead, the query heads that share a KV head attending together: 3.1-3.4 ms for
-that layer with its K/V out of cache. It takes float32 and bfloat16 caches (numpy, and so numba, has no
-bfloat16: its bits are read as uint16 and widened to float32).
+each sequence's block table instead, the query heads that share a KV head attending together, 16 tokens at a time
+in LLVM vector code (model/simd.py), and asks for the next 16 tokens' rows while it works on these. It takes float32
+and bfloat16 caches (numpy, and so numba, has no bfloat16: its bits are read as uint16 and widened to float32), with
+head sizes and blocks of a multiple of 16 tokens; other caches take the gather.
 """
 
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
-from numba.extending import overload
 
-from shoal.model.fused import DTYPES, array, exp, on_caller, wide
+from shoal.model.fused import DTYPES, array, exp, narrow, on_caller
+from shoal.model.simd import LANES, accumulate16, largest16, prefetch, scores16
 
 # Below this much work (context tokens x query heads x head size), one sequence's decode say, the kernel runs on
 # the calling thread: waking numba's threads costs more than they save (one sequence of 90 tokens: 85-110 us a
@@ -22,8 +23,10 @@ from shoal.model.fused import DTYPES, array, exp, on_caller, wide
 SERIAL_WORK = 2**20
 
 
-def supports(cache: torch.Tensor) -> bool:
-    return cache.device.type == "cpu" and cache.dtype in DTYPES
+def supports(cache: torch.Tensor, block_size: int) -> bool:
+    """Whether a cache [slots, kv_heads, head_dim] in blocks of block_size attends in place."""
+    return (cache.device.type == "cpu" and cache.dtype in DTYPES and cache.shape[-1] % LANES == 0
+            and block_size % LANES == 0)
 
 
 def set_threads(n: int) -> None:
@@ -33,10 +36,10 @@ def set_threads(n: int) -> None:
 def warm(dtype: torch.dtype) -> None:
     """Compile (or load from numba's disk cache) the kernel for a cache dtype now, not in a request's first tick:
     compiling takes seconds, loading a fraction of one."""
-    cache = array(torch.zeros(1, 1, 1, dtype=dtype))
+    cache, out = array(torch.zeros(LANES * LANES, dtype=dtype)), array(torch.zeros(1, 1, 1, LANES, dtype=dtype))
     for kernel in (_attend, _attend_on_caller):
-        kernel(np.zeros((1, 1, 1, 1), np.float32), cache, cache, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
-               np.zeros(1, np.int32), np.zeros(1, np.int64), 1, np.float32(1.0), np.empty((1, 1, 1, 1), np.float32))
+        kernel(np.zeros((1, 1, 1, LANES), np.float32), cache, cache, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
+               np.zeros(1, np.int32), np.zeros(1, np.int64), LANES, np.float32(1.0), out)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: np.ndarray, lengths: np.ndarray,
@@ -45,35 +48,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: np.ndarray
     [n, blocks] int32; sequence i attends to its context positions [begins[i], lengths[i]). Returns [n, heads * dim]
     in q's dtype."""
     n, heads, dim = q.shape
+    if not supports(k, block_size):
+        raise ValueError(f"in-place attention takes head sizes and blocks of a multiple of {LANES}, not {dim} and "
+                         f"{block_size} (a cache that `supports` refuses attends through the gather)")
     kv_heads = k.shape[1]
     grouped = q.float().view(n, kv_heads, heads // kv_heads, dim).numpy()
-    out = np.empty_like(grouped)
+    out = torch.empty(n, heads * dim, dtype=q.dtype)
     work = lengths - begins
     threads = numba.get_num_threads() if int(work.sum()) * heads * dim >= SERIAL_WORK else 1
     kernel = _attend if threads > 1 else _attend_on_caller
-    kernel(grouped, array(k), array(v), tables, lengths, begins, _balanced(work, threads), block_size,
-           np.float32(dim ** -0.5), out)
-    return torch.from_numpy(out).view(n, heads * dim).to(q.dtype)
+    kernel(grouped, array(k).reshape(-1), array(v).reshape(-1), tables, lengths, begins, _balanced(work, threads),
+           block_size, np.float32(dim ** -0.5), array(out).reshape(grouped.shape))
+    return out
 
 
-def _row(cache, slot, buf):  # typed per call by numba: see _row_impl
-    raise NotImplementedError
-
-
-@overload(_row, inline="always")
-def _row_impl(cache, slot, buf):
-    """One slot's K (or V) of every KV head as float32 [kv_heads, dim]: a view of a float32 cache, a bfloat16
-    (uint16) row widened into buf."""
-    if cache.dtype == numba.types.float32:
-        return lambda cache, slot, buf: cache[slot]
-
-    def widen(cache, slot, buf):
-        for h in range(buf.shape[0]):
-            for e in range(buf.shape[1]):
-                buf[h, e] = wide(cache[slot, h, e])
-        return buf
-
-    return widen
+@njit(fastmath=True, cache=True)
+def _softmax(row, top):
+    """row = exp(row - top) / its sum, in place: a function of its own, or numba does not vectorize its loops."""
+    total = np.float32(0.0)
+    for t in range(row.shape[0]):
+        row[t] = exp(row[t] - top)
+        total += row[t]
+    scale = np.float32(1.0) / total
+    for t in range(row.shape[0]):
+        row[t] *= scale
 
 
 @njit(cache=True)
@@ -91,9 +89,15 @@ def _balanced(work, workers):
     return np.argsort(owner, kind="mergesort")
 
 
+@njit(inline="always")
+def _slot(tables, s, position, block_size):
+    return tables[s, position // block_size] * block_size + position % block_size
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _attend(q, k, v, tables, lengths, begins, order, block_size, scale, out):
     n, kv_heads, group, dim = q.shape
+    stride = kv_heads * dim  # between one slot's K (or V) and the next's
     # A task per sequence reads its rows whole (all KV heads: 20% faster at 64 sequences); a task per sequence
     # and KV head keeps both cores busy when there are only a few sequences
     span = kv_heads if n >= 4 else 1
@@ -101,34 +105,39 @@ def _attend(q, k, v, tables, lengths, begins, order, block_size, scale, out):
     for task in prange(n * split):
         s, first = order[task // split], task % split * span
         begin, end = begins[s], lengths[s]
-        qs = q[s, first:first + span] * scale
-        buf = np.empty((kv_heads, dim), dtype=np.float32)
-        scores = np.empty((span, group, end - begin), dtype=np.float32)
-        for t in range(begin, end):
-            kr = _row(k, tables[s, t // block_size] * block_size + t % block_size, buf)
+        base = begin // LANES * LANES  # the first 16-token chunk, whole: its rows before begin are not attended
+        width = (end - base + LANES - 1) // LANES * LANES
+        qs = (q[s, first:first + span] * scale).reshape(-1)
+        scores = np.empty(span * group * width, dtype=np.float32)
+        for c in range(base, end, LANES):
+            slot = _slot(tables, s, c, block_size)
+            if c + LANES < end:
+                prefetch(k, _slot(tables, s, c + LANES, block_size) * stride, LANES * stride)
             for h in range(span):
+                at = (slot * kv_heads + first + h) * dim
                 for j in range(group):
-                    acc = np.float32(0.0)
-                    for e in range(dim):
-                        acc += qs[h, j, e] * kr[first + h, e]
-                    scores[h, j, t - begin] = acc
+                    row = h * group + j
+                    scores16(k, at, stride, qs, row * dim, dim, scores, row * width + c - base)
+        for row in range(span * group):
+            at = row * width
+            scores[at:at + begin - base] = -np.inf
+            scores[at + end - base:at + width] = -np.inf
+            _softmax(scores[at + begin - base:at + end - base], largest16(scores, at, width))
+        acc = np.zeros(span * group * dim, dtype=np.float32)
+        for c in range(base, end, LANES):
+            lo, hi = max(c, begin), min(c + LANES, end)
+            slot = _slot(tables, s, lo, block_size)
+            if c + LANES < end:
+                prefetch(v, _slot(tables, s, c + LANES, block_size) * stride, LANES * stride)
+            for h in range(span):
+                at = (slot * kv_heads + first + h) * dim
+                for j in range(group):
+                    row = h * group + j
+                    accumulate16(v, at, stride, scores, row * width + lo - base, hi - lo, dim, acc, row * dim)
         for h in range(span):
             for j in range(group):
-                row = scores[h, j]
-                top, total = row.max(), np.float32(0.0)
-                for t in range(row.shape[0]):
-                    row[t] = exp(row[t] - top)
-                    total += row[t]
-                row /= total
-        acc = np.zeros((span, group, dim), dtype=np.float32)
-        for t in range(begin, end):
-            vr = _row(v, tables[s, t // block_size] * block_size + t % block_size, buf)
-            for h in range(span):
-                for j in range(group):
-                    p = scores[h, j, t - begin]
-                    for e in range(dim):
-                        acc[h, j, e] += p * vr[first + h, e]
-        out[s, first:first + span] = acc
+                for e in range(dim):
+                    out[s, first + h, j, e] = narrow(out, acc[(h * group + j) * dim + e])
 
 
 _attend_on_caller = on_caller(_attend)

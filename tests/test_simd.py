@@ -1,0 +1,58 @@
+"""The sixteen-lane vector loops (model/simd.py) against numpy, on float32 and on bfloat16 bits."""
+
+import numpy as np
+import pytest
+import torch
+from numba import njit
+
+from shoal.model.fused import array
+from shoal.model.simd import accumulate16, largest16, prefetch, scores16
+
+DIM, STRIDE, AT = 32, 72, 8  # a head of 32 elements in rows 72 apart, from an offset
+
+
+@njit
+def _scores(k, q, out):
+    prefetch(k, AT, 16 * STRIDE)
+    scores16(k, AT, STRIDE, q, 4, DIM, out, 3)
+
+
+@njit
+def _accumulate(v, p, count, out):
+    accumulate16(v, AT, STRIDE, p, 2, count, DIM, out, 5)
+
+
+def rows(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Flat memory as the kernels read it (float32, or bfloat16 bits), and the 16 rows of DIM it holds as float64."""
+    flat = torch.randn(AT + 16 * STRIDE, generator=torch.Generator().manual_seed(0)).to(dtype)
+    wanted = flat.double()[AT:].view(16, STRIDE)[:, :DIM].numpy()
+    return array(flat), wanted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores16_takes_sixteen_rows_dot_products_at_once(dtype):
+    k, wanted = rows(dtype)
+    q = np.random.default_rng(1).standard_normal(4 + DIM).astype(np.float32)
+    out = np.full(3 + 16 + 2, 7.0, np.float32)
+    _scores(k, q, out)
+    np.testing.assert_allclose(out[3:19], wanted @ q[4:].astype(np.float64), rtol=1e-5, atol=1e-5)
+    assert (out[:3] == 7).all() and (out[19:] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 5, 16])
+def test_accumulate16_adds_a_weighted_sum_of_rows(dtype, count):
+    v, wanted = rows(dtype)
+    p = np.random.default_rng(2).random(2 + 16).astype(np.float32)
+    out = np.random.default_rng(3).standard_normal(5 + DIM + 3).astype(np.float32)
+    before = out.copy()
+    _accumulate(v, p, count, out)
+    want = before[5:5 + DIM] + p[2:2 + count] @ wanted[:count]
+    np.testing.assert_allclose(out[5:5 + DIM], want, rtol=1e-5, atol=1e-5)
+    assert (out[:5] == before[:5]).all() and (out[5 + DIM:] == before[5 + DIM:]).all()
+
+
+def test_largest16_is_the_maximum_of_its_range_only():
+    values = np.random.default_rng(4).standard_normal(64).astype(np.float32)
+    values[0], values[40] = 99.0, -np.inf
+    assert njit(lambda a: largest16(a, 16, 32))(values) == values[16:48].max()
