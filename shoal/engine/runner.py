@@ -21,6 +21,7 @@ class Runner:
         # With graphs, one block more than the engine hands out: its first slot takes the padding rows' K/V
         self.kv: PagedKVCache = model.new_cache(num_blocks + graphs, block_size)
         self.graphs = DecodeGraphs(model, self.kv, num_blocks * block_size, max_rows) if graphs else None
+        self.logits: torch.Tensor | None = None  # see _buffer
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
         for src, dst, n in copies:
@@ -53,4 +54,15 @@ class Runner:
         return self._logits(seqs, self.model(torch.tensor(ids, device=device), meta, self.kv, keep=keep))
 
     def _logits(self, seqs: list[Sequence], hidden: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
-        return (seqs, self.model.compute_logits(hidden)) if seqs else ([], hidden.new_empty(0, 0))
+        if not seqs:
+            return [], hidden.new_empty(0, 0)
+        return seqs, self.model.compute_logits(hidden, self._buffer(len(hidden)))
+
+    def _buffer(self, rows: int) -> torch.Tensor | None:
+        """Where a tick's float32 logits go: a buffer the next tick overwrites (a tick samples its own), of at least
+        `rows` rows; none for a float32 model, whose LM head writes float32 logits itself."""
+        if self.model.dtype == torch.float32:
+            return None
+        if self.logits is None or len(self.logits) < rows:
+            self.logits = torch.empty(rows, self.model.config.vocab_size, device=self.model.device)
+        return self.logits
