@@ -6,7 +6,7 @@ import torch
 from numba import njit
 
 from shoal.model.fused import array
-from shoal.model.simd import accumulate16, largest16, prefetch, scores16
+from shoal.model.simd import HEADS, accumulate16, largest16, prefetch, scores16
 
 DIM, STRIDE, AT = 32, 72, 8  # a head of 32 elements in rows 72 apart, from an offset
 
@@ -18,8 +18,8 @@ def _scores(k, q, out):
 
 
 @njit
-def _accumulate(v, p, count, out):
-    accumulate16(v, AT, STRIDE, p, 2, count, DIM, out, 5)
+def _accumulate(v, p, heads, count, out):
+    accumulate16(v, AT, STRIDE, p, 2, 20, heads, count, DIM, out, 5)
 
 
 def rows(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -41,15 +41,19 @@ def test_scores16_takes_sixteen_rows_dot_products_at_once(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("count", [1, 5, 16])
-def test_accumulate16_adds_a_weighted_sum_of_rows(dtype, count):
+@pytest.mark.parametrize("heads", [1, 3, HEADS])
+def test_accumulate16_adds_each_heads_weighted_sum_of_rows(dtype, count, heads):
     v, wanted = rows(dtype)
-    p = np.random.default_rng(2).random(2 + 16).astype(np.float32)
-    out = np.random.default_rng(3).standard_normal(5 + DIM + 3).astype(np.float32)
+    p = np.random.default_rng(2).random(2 + 20 * HEADS).astype(np.float32)  # a head's weights 20 apart
+    out = np.random.default_rng(3).standard_normal(5 + HEADS * DIM + 3).astype(np.float32)
     before = out.copy()
-    _accumulate(v, p, count, out)
-    want = before[5:5 + DIM] + p[2:2 + count] @ wanted[:count]
-    np.testing.assert_allclose(out[5:5 + DIM], want, rtol=1e-5, atol=1e-5)
-    assert (out[:5] == before[:5]).all() and (out[5 + DIM:] == before[5 + DIM:]).all()
+    _accumulate(v, p, heads, count, out)
+    for h in range(heads):
+        row = slice(5 + h * DIM, 5 + (h + 1) * DIM)
+        want = before[row] + p[2 + 20 * h:2 + 20 * h + count] @ wanted[:count]
+        np.testing.assert_allclose(out[row], want, rtol=1e-5, atol=1e-5)
+    untouched = np.r_[0:5, 5 + heads * DIM:len(out)]
+    assert (out[untouched] == before[untouched]).all()
 
 
 def test_largest16_is_the_maximum_of_its_range_only():

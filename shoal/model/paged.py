@@ -15,7 +15,7 @@ import torch
 from numba import njit, prange
 
 from shoal.model.fused import DTYPES, array, exp, narrow, on_caller
-from shoal.model.simd import LANES, accumulate16, largest16, prefetch, scores16
+from shoal.model.simd import HEADS, LANES, accumulate16, largest16, prefetch, scores16
 
 # Below this much work (context tokens x query heads x head size), one sequence's decode say, the kernel runs on
 # the calling thread: waking numba's threads costs more than they save (one sequence of 90 tokens: 85-110 us a
@@ -131,9 +131,10 @@ def _attend(q, k, v, tables, lengths, begins, order, block_size, scale, out):
                 prefetch(v, _slot(tables, s, c + LANES, block_size) * stride, LANES * stride)
             for h in range(span):
                 at = (slot * kv_heads + first + h) * dim
-                for j in range(group):
+                for j in range(0, group, HEADS):
                     row = h * group + j
-                    accumulate16(v, at, stride, scores, row * width + lo - base, hi - lo, dim, acc, row * dim)
+                    accumulate16(v, at, stride, scores, row * width + lo - base, width, min(HEADS, group - j), hi - lo,
+                                 dim, acc, row * dim)
         for h in range(span):
             for j in range(group):
                 for e in range(dim):

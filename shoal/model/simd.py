@@ -34,6 +34,12 @@ def _ints(values):
     return ir.Constant(ir.VectorType(ir.IntType(32), LANES), values)
 
 
+def _splat(builder, value):
+    """A float32 in every lane."""
+    one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, one, _ints([0] * LANES))
+
+
 def _madd(builder, a, b, c):
     """a * b + c, which LLVM fuses into one FMA."""
     return builder.fadd(builder.fmul(a, b, flags=_FAST), c, flags=_FAST)
@@ -89,28 +95,42 @@ def scores16(typingctx, k, k_at, stride, q, q_at, dim, out, out_at):
     return sig, codegen
 
 
+# Query heads whose sums of V `accumulate16` takes in one pass, each row of V loaded once for all of them: with
+# their 16-lane sums held in registers, more would spill
+HEADS = 4
+
+
 @intrinsic
-def accumulate16(typingctx, v, v_at, stride, p, p_at, count, dim, out, out_at):
-    """out[out_at + e] += sum(p[p_at + t] * v[v_at + t * stride + e] for t < count), e < dim; dim a multiple of 16."""
-    sig = types.void(v, v_at, stride, p, p_at, count, dim, out, out_at)
+def accumulate16(typingctx, v, v_at, stride, p, p_at, p_stride, heads, count, dim, out, out_at):
+    """out[out_at + h * dim + e] += sum(p[p_at + h * p_stride + t] * v[v_at + t * stride + e] for t < count), for
+    e < dim, h < heads <= HEADS: the weighted sums of V of a few query heads; dim a multiple of 16."""
+    sig = types.void(v, v_at, stride, p, p_at, p_stride, heads, count, dim, out, out_at)
 
     def codegen(context, builder, signature, args):
-        tys = signature.args
-        vp, v_at, stride, pp, p_at, count, dim, op, out_at = _operands(context, builder, signature, args)
-        step = ir.Constant(cgutils.intp_t, LANES)
-        total = cgutils.alloca_once(builder, _VEC)
+        operands = _operands(context, builder, signature, args)
+        vp, v_at, stride, pp, p_at, p_stride, heads, count, dim, op, out_at = operands
+        intp = cgutils.intp_t
+        step = ir.Constant(intp, LANES)
+        # A head past `heads` reads the last one's rows, and its sums are not stored
+        rows = [builder.select(builder.icmp_unsigned("<", intp(h), heads), intp(h), builder.sub(heads, intp(1)))
+                for h in range(HEADS)]
+        weights = [builder.add(p_at, builder.mul(row, p_stride)) for row in rows]
+        totals = [cgutils.alloca_once(builder, _VEC) for _ in range(HEADS)]
         with cgutils.for_range(builder, builder.udiv(dim, step)) as chunk:
             e = builder.mul(chunk.index, step)
-            at = builder.bitcast(builder.gep(op, [builder.add(out_at, e)]), _VEC.as_pointer())
-            builder.store(builder.load(at, align=4), total)
+            sums = [builder.bitcast(builder.gep(op, [builder.add(builder.add(out_at, builder.mul(row, dim)), e)]),
+                                    _VEC.as_pointer()) for row in rows]
+            for at, total in zip(sums, totals, strict=True):
+                builder.store(builder.load(at, align=4), total)
             with cgutils.for_range(builder, count) as token:
                 t = token.index
-                weight = builder.load(builder.gep(pp, [builder.add(p_at, t)]))
-                one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), weight, ir.IntType(32)(0))
-                splat = builder.shuffle_vector(one, one, _ints([0] * LANES))
-                vv = _load(builder, tys[0], vp, builder.add(builder.add(v_at, builder.mul(stride, t)), e))
-                builder.store(_madd(builder, splat, vv, builder.load(total)), total)
-            builder.store(builder.load(total), at, align=4)
+                vv = _load(builder, signature.args[0], vp, builder.add(builder.add(v_at, builder.mul(stride, t)), e))
+                for at, total in zip(weights, totals, strict=True):
+                    weight = _splat(builder, builder.load(builder.gep(pp, [builder.add(at, t)])))
+                    builder.store(_madd(builder, weight, vv, builder.load(total)), total)
+            for h, (at, total) in enumerate(zip(sums, totals, strict=True)):
+                with builder.if_then(builder.icmp_unsigned("<", intp(h), heads)):
+                    builder.store(builder.load(total), at, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
