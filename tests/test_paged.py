@@ -71,7 +71,7 @@ def test_keys_outside_the_window_do_not_swamp_the_softmax():
 
 def test_a_head_size_the_kernel_does_not_take_is_refused_by_name():
     cache = PagedKVCache(1, 2, 2, 24)
-    with pytest.raises(ValueError, match="not 24 and 16"):
+    with pytest.raises(ValueError, match=r"not a torch\.float32 cpu cache with 24 and 16"):
         paged.attend(torch.ones(1, 2, 24), cache.k[0], cache.v[0], np.zeros((1, 1), np.int32), np.ones(1, np.int32),
                      np.zeros(1, np.int32), BLOCK)
 

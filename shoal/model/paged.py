@@ -49,8 +49,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: np.ndarray
     in q's dtype."""
     n, heads, dim = q.shape
     if not supports(k, block_size):
-        raise ValueError(f"in-place attention takes head sizes and blocks of a multiple of {LANES}, not {dim} and "
-                         f"{block_size} (a cache that `supports` refuses attends through the gather)")
+        raise ValueError(f"in-place attention takes float32 or bfloat16 CPU caches with head sizes and blocks of a "
+                         f"multiple of {LANES}, not a {k.dtype} {k.device.type} cache with {dim} and {block_size} "
+                         f"(a cache that `supports` refuses attends through the gather)")
     kv_heads = k.shape[1]
     grouped = q.float().view(n, kv_heads, heads // kv_heads, dim).numpy()
     out = torch.empty(n, heads * dim, dtype=q.dtype)
