@@ -12,9 +12,9 @@ DIM, STRIDE, AT = 32, 72, 8  # a head of 32 elements in rows 72 apart, from an o
 
 
 @njit
-def _scores(k, q, out):
+def _scores(k, q, dim, out):
     prefetch(k, AT, 16 * STRIDE)
-    scores16(k, AT, STRIDE, q, 4, DIM, out, 3)
+    scores16(k, AT, STRIDE, q, 4, dim, out, 3)
 
 
 @njit
@@ -22,19 +22,20 @@ def _accumulate(v, p, heads, count, out):
     accumulate16(v, AT, STRIDE, p, 2, 20, heads, count, DIM, out, 5)
 
 
-def rows(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Flat memory as the kernels read it (float32, or bfloat16 bits), and the 16 rows of DIM it holds as float64."""
+def rows(dtype: torch.dtype, dim: int = DIM) -> tuple[np.ndarray, np.ndarray]:
+    """Flat memory as the kernels read it (float32, or bfloat16 bits), and the 16 rows of dim it holds as float64."""
     flat = torch.randn(AT + 16 * STRIDE, generator=torch.Generator().manual_seed(0)).to(dtype)
-    wanted = flat.double()[AT:].view(16, STRIDE)[:, :DIM].numpy()
+    wanted = flat.double()[AT:].view(16, STRIDE)[:, :dim].numpy()
     return array(flat), wanted
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scores16_takes_sixteen_rows_dot_products_at_once(dtype):
-    k, wanted = rows(dtype)
-    q = np.random.default_rng(1).standard_normal(4 + DIM).astype(np.float32)
+@pytest.mark.parametrize("dim", [32, 48])
+def test_scores16_takes_sixteen_rows_dot_products_at_once(dtype, dim):
+    k, wanted = rows(dtype, dim)
+    q = np.random.default_rng(1).standard_normal(4 + dim).astype(np.float32)
     out = np.full(3 + 16 + 2, 7.0, np.float32)
-    _scores(k, q, out)
+    _scores(k, q, dim, out)
     np.testing.assert_allclose(out[3:19], wanted @ q[4:].astype(np.float64), rtol=1e-5, atol=1e-5)
     assert (out[:3] == 7).all() and (out[19:] == 7).all()
 
