@@ -399,26 +399,3 @@ def test_a_last_stage_returns_every_row_of_a_step_that_does_not_sample_beside_on
         stage.close()
     assert isinstance(sampled["token"], int) and beside["hidden"].shape == alone["hidden"].shape
     torch.testing.assert_close(beside["hidden"], alone["hidden"], atol=1e-4, rtol=0)
-
-
-def test_a_bfloat16_engine_writes_each_ticks_logits_into_a_kept_buffer(make_engine):
-    engine = make_engine(dtype="bfloat16")
-    runner, seen = engine.runner, []
-    forward = runner.forward
-
-    def spy(batch):
-        seqs, logits = forward(batch)
-        buffer = runner.logits.data_ptr() if runner.logits is not None else None
-        seen.append((logits.dtype, logits.shape[0] == len(seqs), logits.data_ptr() == buffer, buffer))
-        return seqs, logits
-
-    runner.forward = spy
-    got = run(together(engine, QUESTIONS[:3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
-    assert [len(ids) for _, ids, _ in got] == [6] * 3
-    assert {dtype for dtype, *_ in seen} == {torch.float32} and all(rows and kept for _, rows, kept, _ in seen)
-    assert len({buffer for *_, buffer in seen}) <= 3 < len(seen)  # one more a tick with more rows than any before
-    hidden = torch.randn(2, engine.model.config.hidden_size, dtype=torch.bfloat16)
-    out = torch.empty(5, engine.model.config.vocab_size)
-    written = engine.model.compute_logits(hidden, out)
-    assert written.data_ptr() == out.data_ptr() and written.shape == (2, engine.model.config.vocab_size)
-    torch.testing.assert_close(written, engine.model.compute_logits(hidden), atol=0, rtol=0)

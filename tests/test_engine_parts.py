@@ -1,7 +1,8 @@
-"""The engine's parts alone: block manager, scheduler, sampler, text stream."""
+"""The engine's parts alone: block manager, scheduler, sampler, text stream, the runner's logits."""
 
 import pytest
 import torch
+from engine_helpers import QUESTIONS, run, together
 from tokenizers import AddedToken
 
 from shoal.engine.blocks import BlockManager
@@ -194,3 +195,26 @@ def test_pick_never_takes_a_token_truncated_to_minus_inf():
     logits[[7, 2100, 4999]] = torch.tensor([0.0, 1.0, 0.5])
     assert {pick(logits, 1.0, u / 50) for u in range(50)} == {7, 2100, 4999}
     assert pick(logits, 1.0, 0.999999) == 4999 and pick(logits, 1.0, 0.0) == 7
+
+
+def test_a_bfloat16_engine_writes_each_ticks_logits_into_a_kept_buffer(make_engine):
+    engine = make_engine(dtype="bfloat16")
+    runner, seen = engine.runner, []
+    forward = runner.forward
+
+    def spy(batch):
+        seqs, logits = forward(batch)
+        buffer = runner.logits.data_ptr() if runner.logits is not None else None
+        seen.append((logits.dtype, logits.shape[0] == len(seqs), logits.data_ptr() == buffer, buffer))
+        return seqs, logits
+
+    runner.forward = spy
+    got = run(together(engine, QUESTIONS[:3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
+    assert [len(ids) for _, ids, _ in got] == [6] * 3
+    assert {dtype for dtype, *_ in seen} == {torch.float32} and all(rows and kept for _, rows, kept, _ in seen)
+    assert len({buffer for *_, buffer in seen}) <= 3 < len(seen)  # one more a tick with more rows than any before
+    hidden = torch.randn(2, engine.model.config.hidden_size, dtype=torch.bfloat16)
+    out = torch.empty(5, engine.model.config.vocab_size)
+    written = engine.model.compute_logits(hidden, out)
+    assert written.data_ptr() == out.data_ptr() and written.shape == (2, engine.model.config.vocab_size)
+    torch.testing.assert_close(written, engine.model.compute_logits(hidden), atol=0, rtol=0)

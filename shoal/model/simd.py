@@ -10,6 +10,8 @@ sequences, bfloat16, from memory). Arrays are flat: float32, or uint16 holding b
 bfloat16), widened as they are loaded.
 """
 
+from contextlib import contextmanager
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -30,6 +32,13 @@ def _operands(context, builder, signature, args):
 def _declare(builder, name, result, *params):
     """An LLVM intrinsic function, declared in the module being built."""
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, params), name)
+
+
+@contextmanager
+def _steps(builder, count, step):
+    """An IR loop over the offsets 0, step, 2 * step, ... below count (a multiple of step): yields the offset."""
+    with cgutils.for_range(builder, builder.udiv(count, cgutils.intp_t(step))) as loop:
+        yield builder.mul(loop.index, cgutils.intp_t(step))
 
 
 def _ints(values):
@@ -82,12 +91,10 @@ def scores16(typingctx, k, k_at, stride, q, q_at, dim, out, out_at):
         kp, k_at, stride, qp, q_at, dim, op, out_at = _operands(context, builder, signature, args)
         zero = ir.Constant(_VEC, [0.0] * LANES)
         sums = [cgutils.alloca_once_value(builder, zero) for _ in range(LANES)]
-        step = ir.Constant(cgutils.intp_t, LANES)
-        with cgutils.for_range(builder, builder.udiv(dim, step)) as loop:
-            e = builder.mul(loop.index, step)
+        with _steps(builder, dim, LANES) as e:
             qv = _load(builder, tys[3], qp, builder.add(q_at, e))
             for t, total in enumerate(sums):
-                row = builder.add(builder.add(k_at, builder.mul(stride, ir.Constant(cgutils.intp_t, t))), e)
+                row = builder.add(builder.add(k_at, builder.mul(stride, cgutils.intp_t(t))), e)
                 kv = _load(builder, tys[0], kp, row)
                 builder.store(_madd(builder, qv, kv, builder.load(total)), total)
         result = _sum_lanes(builder, [builder.load(total) for total in sums])
@@ -112,14 +119,12 @@ def accumulate16(typingctx, v, v_at, stride, p, p_at, p_stride, heads, count, di
         operands = _operands(context, builder, signature, args)
         vp, v_at, stride, pp, p_at, p_stride, heads, count, dim, op, out_at = operands
         intp = cgutils.intp_t
-        step = ir.Constant(intp, LANES)
         # A head past `heads` reads the last one's rows, and its sums are not stored
         rows = [builder.select(builder.icmp_unsigned("<", intp(h), heads), intp(h), builder.sub(heads, intp(1)))
                 for h in range(HEADS)]
         weights = [builder.add(p_at, builder.mul(row, p_stride)) for row in rows]
         totals = [cgutils.alloca_once(builder, _VEC) for _ in range(HEADS)]
-        with cgutils.for_range(builder, builder.udiv(dim, step)) as chunk:
-            e = builder.mul(chunk.index, step)
+        with _steps(builder, dim, LANES) as e:
             sums = [builder.bitcast(builder.gep(op, [builder.add(builder.add(out_at, builder.mul(row, dim)), e)]),
                                     _VEC.as_pointer()) for row in rows]
             for at, total in zip(sums, totals, strict=True):
@@ -145,11 +150,10 @@ def largest16(typingctx, arr, at, count):
 
     def codegen(context, builder, signature, args):
         ptr, at, count = _operands(context, builder, signature, args)
-        step = ir.Constant(cgutils.intp_t, LANES)
         top = cgutils.alloca_once_value(builder, ir.Constant(_VEC, [float("-inf")] * LANES))
         maxnum = _declare(builder, "llvm.maxnum.v16f32", _VEC, _VEC, _VEC)
-        with cgutils.for_range(builder, builder.udiv(count, step)) as loop:
-            chunk = _load(builder, signature.args[0], ptr, builder.add(at, builder.mul(loop.index, step)))
+        with _steps(builder, count, LANES) as e:
+            chunk = _load(builder, signature.args[0], ptr, builder.add(at, e))
             builder.store(builder.call(maxnum, [builder.load(top), chunk]), top)
         return builder.call(_declare(builder, "llvm.vector.reduce.fmax.v16f32", _F32, _VEC), [builder.load(top)])
 
@@ -165,12 +169,10 @@ def prefetch(typingctx, arr, at, count):
         data, at, count = _operands(context, builder, signature, args)
         ptr = builder.bitcast(data, ir.IntType(8).as_pointer())
         size = ir.Constant(cgutils.intp_t, context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype)))
-        start, line = builder.mul(at, size), ir.Constant(cgutils.intp_t, 64)
-        i32 = ir.IntType(32)
+        start, i32 = builder.mul(at, size), ir.IntType(32)
         fn = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), ptr.type, i32, i32, i32)
-        with cgutils.for_range(builder, builder.udiv(builder.mul(count, size), line)) as loop:
-            address = builder.gep(ptr, [builder.add(start, builder.mul(loop.index, line))])
-            builder.call(fn, [address, i32(0), i32(3), i32(1)])
+        with _steps(builder, builder.mul(count, size), 64) as line:  # a 64-byte cache line at a time
+            builder.call(fn, [builder.gep(ptr, [builder.add(start, line)]), i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
