@@ -31,7 +31,7 @@ def test_buckets_hold_their_rows():
     assert all(ROW_BUCKETS[bucket(n)] >= n for n in range(1, ROW_BUCKETS[-1] + 1))
 
 
-@pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 7), (3, 4, 7), (100, 7)])
+@pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 7), (3, 4, 7), (54, 7), (100, 7)])  # 5, 12, 54 rows: padded
 @pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
