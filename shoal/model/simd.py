@@ -4,20 +4,26 @@ numba vectorizes a loop over contiguous elements, but a dot product of 64 become
 a horizontal sum, and an accumulator array is loaded and stored at every step: the paged decode attention ran at
 33-37 GFLOP/s on 2 cores that multiply matrices at 200-400. Here `scores16` takes 16 tokens' dot products at
 once, each in a vector of partial sums, and turns the 16 vectors into one vector of 16 scores by four rounds of
-shuffles and adds; `accumulate16` keeps a few query heads' weighted sums of V in registers over a block's tokens,
-each row of V loaded once for them (on an AMX Xeon, 2 cores, the attention went from 2.9 to 2.1 ms a layer of 64
-sequences, bfloat16, from memory). Arrays are flat: float32, or uint16 holding bfloat16 bits (numpy has no
-bfloat16), widened as they are loaded.
+shuffles and adds (on an AVX2 CPU in two groups of 8: see GROUP); `accumulate16` keeps a few query heads' weighted
+sums of V in registers over a block's tokens, each row of V loaded once for them (on an AMX Xeon, 2 cores, the
+attention went from 2.9 to 2.1 ms a layer of 64 sequences, bfloat16, from memory). Arrays are flat: float32, or
+uint16 holding bfloat16 bits (numpy has no bfloat16), widened as they are loaded.
 """
 
 from contextlib import contextmanager
 
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 16
+# Tokens whose dot products `scores16` sums at once, in as many vectors of as many lanes: 16 fill 16 of AVX-512's
+# 32 registers, but on AVX2 each is two of its 16 and the sums spill to memory. In 8s on a Zen 3 EPYC, float32, 54
+# sequences of 250-450 tokens took 2.2-2.5 ms a layer from memory against 2.8-3.1, one of 4,096 tokens 338 us against
+# 450 on one thread
+GROUP = LANES if llvm.get_host_cpu_features().get("avx512f", False) else 8
 _F32 = ir.FloatType()
 _VEC = ir.VectorType(_F32, LANES)
 _FAST = ("fast",)
@@ -42,7 +48,7 @@ def _steps(builder, count, step):
 
 
 def _ints(values):
-    return ir.Constant(ir.VectorType(ir.IntType(32), LANES), values)
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(values)), values)
 
 
 def _splat(builder, value):
@@ -56,23 +62,23 @@ def _madd(builder, a, b, c):
     return builder.fadd(builder.fmul(a, b, flags=_FAST), c, flags=_FAST)
 
 
-def _load(builder, arrty, ptr, index):
-    """LANES elements from ptr[index] as float32: bfloat16 bits (uint16) shifted into the top of an int32."""
-    at = builder.gep(ptr, [index])
+def _load(builder, arrty, ptr, index, lanes=LANES):
+    """`lanes` elements from ptr[index] as float32: bfloat16 bits (uint16) shifted into the top of an int32."""
+    at, vec = builder.gep(ptr, [index]), ir.VectorType(_F32, lanes)
     if arrty.dtype == types.float32:
-        return builder.load(builder.bitcast(at, _VEC.as_pointer()), align=4)
-    bits = builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(16), LANES).as_pointer()), align=2)
-    wide = builder.shl(builder.zext(bits, ir.VectorType(ir.IntType(32), LANES)), _ints([16] * LANES))
-    return builder.bitcast(wide, _VEC)
+        return builder.load(builder.bitcast(at, vec.as_pointer()), align=4)
+    bits = builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(16), lanes).as_pointer()), align=2)
+    wide = builder.shl(builder.zext(bits, ir.VectorType(ir.IntType(32), lanes)), _ints([16] * lanes))
+    return builder.bitcast(wide, vec)
 
 
 def _sum_lanes(builder, vectors):
-    """One vector whose lane t is the sum of vectors[t]'s lanes: each round adds the two halves of every vector's
-    remaining partial sums, packing two vectors into one."""
-    width = LANES
+    """One vector whose lane t is the sum of vectors[t]'s lanes, of n vectors of n lanes: each round adds the two
+    halves of every vector's remaining partial sums, packing two vectors into one."""
+    n = width = len(vectors)
     while len(vectors) > 1:
         half = width // 2
-        low = [i + j for i in range(0, 2 * LANES, width) for j in range(half)]
+        low = [i + j for i in range(0, 2 * n, width) for j in range(half)]
         high = [i + half for i in low]
         paired = []
         for a, b in zip(vectors[::2], vectors[1::2], strict=True):
@@ -89,16 +95,18 @@ def scores16(typingctx, k, k_at, stride, q, q_at, dim, out, out_at):
     def codegen(context, builder, signature, args):
         tys = signature.args
         kp, k_at, stride, qp, q_at, dim, op, out_at = _operands(context, builder, signature, args)
-        zero = ir.Constant(_VEC, [0.0] * LANES)
-        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(LANES)]
-        with _steps(builder, dim, LANES) as e:
-            qv = _load(builder, tys[3], qp, builder.add(q_at, e))
-            for t, total in enumerate(sums):
-                row = builder.add(builder.add(k_at, builder.mul(stride, cgutils.intp_t(t))), e)
-                kv = _load(builder, tys[0], kp, row)
-                builder.store(_madd(builder, qv, kv, builder.load(total)), total)
-        result = _sum_lanes(builder, [builder.load(total) for total in sums])
-        builder.store(result, builder.bitcast(builder.gep(op, [out_at]), _VEC.as_pointer()), align=4)
+        vec = ir.VectorType(_F32, GROUP)
+        for first in range(0, LANES, GROUP):
+            sums = [cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * GROUP)) for _ in range(GROUP)]
+            with _steps(builder, dim, GROUP) as e:
+                qv = _load(builder, tys[3], qp, builder.add(q_at, e), GROUP)
+                for t, total in enumerate(sums, first):
+                    row = builder.add(builder.add(k_at, builder.mul(stride, cgutils.intp_t(t))), e)
+                    kv = _load(builder, tys[0], kp, row, GROUP)
+                    builder.store(_madd(builder, qv, kv, builder.load(total)), total)
+            result = _sum_lanes(builder, [builder.load(total) for total in sums])
+            at = builder.gep(op, [builder.add(out_at, cgutils.intp_t(first))])
+            builder.store(result, builder.bitcast(at, vec.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
