@@ -60,10 +60,11 @@ CLEARLY = 0.9
 # on every shape but down (20% slower), and lost at 4 and more on all but qkv
 GEMV_ROWS = 2
 PACK_ROWS = 64  # the row count oneDNN lays a packed weight out for (it takes any)
-# OpenBLAS's float32 kernels (Haswell's, which Zen takes too) run rows in groups of 8 and the rest through slower
-# edge code: on a Zen 3 EPYC, 54 rows at 107 GFLOP/s, 56 at 141. Up to this many rows, a count that leaves 2-7 over
-# is padded with zero rows to the next multiple of 8 (one over costs the edge code little, and padding 7 more)
-ALIGN_ROWS = 64
+# OpenBLAS's float32 kernels (Haswell's, which Zen takes too) run rows in groups of ROW_GROUP and the rest through
+# slower edge code: on a Zen 3 EPYC, 54 rows at 107 GFLOP/s, 56 at 141. Up to PAD_ROWS rows, a count that leaves 2-7
+# over is padded with zero rows to the next multiple of ROW_GROUP (one over costs the edge code little, and padding 7
+# more; above 64 rows padding gained nothing)
+ROW_GROUP, PAD_ROWS = 8, 64
 COPIES_SHARE = 0.5  # the weights with their packed copies take at most this share of the memory free at load
 ROUNDS = 3  # each way is timed this many times, taking turns with the others; the quickest counts
 QUICK_S = 50e-6  # a single-row product quicker than this is mostly call overhead: every way runs alike
@@ -81,12 +82,12 @@ def flipped(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def openblas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The product by numpy's BLAS, its rows aligned (see ALIGN_ROWS); float32 only (numpy has no bfloat16, and no
+    """The product by numpy's BLAS, its rows padded (see ROW_GROUP); float32 only (numpy has no bfloat16, and no
     BLAS for float16)."""
     a = x.numpy()
     rows = len(a)
-    if rows <= ALIGN_ROWS and rows % 8 > 1:
-        a = np.concatenate((a, np.zeros((-rows % 8, a.shape[1]), a.dtype)))
+    if rows <= PAD_ROWS and rows % ROW_GROUP > 1:
+        a = np.concatenate((a, np.zeros((-rows % ROW_GROUP, a.shape[1]), a.dtype)))
     return torch.from_numpy(a @ weight.detach().numpy().T)[:rows]
 
 
