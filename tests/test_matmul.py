@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from test_model_parity import forward_batch, prompts, tables
 from threadpoolctl import threadpool_info
 
-from shoal.model import load_model
+from shoal.model import load_model, tiles
 from shoal.model.matmul import (
+    COPIED,
     ROW_BUCKETS,
     Linear,
     bucket,
@@ -22,6 +23,7 @@ from shoal.model.matmul import (
     plain,
     product,
     set_threads,
+    tiled,
     ways_for,
 )
 
@@ -49,10 +51,11 @@ def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
     torch.testing.assert_close(got, expected)
 
 
-def test_a_linear_multiplies_its_packed_copy_in_the_buckets_that_take_it():
-    linear = Linear(7, 11, bias=True)
-    linear.packed = pack(2 * linear.weight)  # a copy that tells which weight multiplied
-    linear.ways = (flipped, plain, packed_product, plain, *(packed_product,) * (len(ROW_BUCKETS) - 4))
+@pytest.mark.parametrize(("copy", "way"), [(pack, packed_product), (tiles.pack, tiled)])
+def test_a_linear_multiplies_its_copy_in_the_buckets_that_take_it(copy, way):
+    linear = Linear(7, 32, bias=True)
+    linear.packed = copy(2 * linear.weight)  # a copy that tells which weight multiplied
+    linear.ways = (flipped, plain, way, plain, *(way,) * (len(ROW_BUCKETS) - 4))
     with torch.inference_mode():
         for rows, factor in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 1), (9, 2), (40, 2), (600, 2)):
             x = torch.randn(rows, 7)
@@ -68,7 +71,7 @@ def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
     for m in linears:
         packs = packed_product in m.ways
         assert m.weight.is_mkldnn == (packs and all(way is packed_product for way in m.ways) and m.packed is None)
-        assert (m.packed is not None) == (packs and not m.weight.is_mkldnn)
+        assert (m.packed is not None) == (any(way in COPIED for way in m.ways) and not m.weight.is_mkldnn)
         assert m.weight.is_mkldnn or m.weight.is_contiguous() or m.weight.stride() == (1, m.weight.shape[0])
 
 
@@ -184,7 +187,7 @@ def test_the_packed_product_is_timed_in_turn_with_the_ways_and_wins_a_bucket_as_
 
     calls, times = [], {matmul.packed_product: packed, matmul.flipped: flip}
     monkeypatch.setattr(matmul, "_time", lambda ws, x, way, evict: calls.append(way) or times.get(way, 1.0))
-    timed, way = matmul._fastest([torch.ones(8, 4)], 2, [torch.ones(8, 4)])
+    timed, way = matmul._fastest([torch.ones(8, 4)], 2, {matmul.packed_product: [torch.ones(8, 4)]})
     assert calls == list(matmul.ways_for(torch.float32, packs=True)) * matmul.ROUNDS
     assert timed[matmul.packed_product] == packed and way.__name__ == best
 
@@ -219,7 +222,8 @@ def test_a_head_is_timed_up_to_its_rows_and_takes_that_buckets_way_beyond(monkey
 
     def fastest(weights, rows, packed=None, evict=None):
         timed.append(rows)
-        return {plain: 1.0}, flipped if rows == 64 else plain
+        times = {plain: 1.0, flipped: 0.5 if rows == 64 else 1.0}
+        return times, flipped if rows == 64 else plain
 
     monkeypatch.setattr(matmul, "_fastest", fastest)
     ways = matmul._choose(8, 4, torch.float32, 1, False, timed_rows=64)[1]

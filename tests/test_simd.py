@@ -7,7 +7,7 @@ from numba import njit
 
 from shoal.model import simd
 from shoal.model.fused import array
-from shoal.model.simd import HEADS, accumulate16, largest16, prefetch, scores16
+from shoal.model.simd import HEADS, PANEL, accumulate16, largest16, prefetch, scores16
 
 DIM, STRIDE, AT = 32, 72, 8  # a head of 32 elements in rows 72 apart, from an offset
 
@@ -67,3 +67,26 @@ def test_largest16_is_the_maximum_of_its_range_only():
     values = np.random.default_rng(4).standard_normal(64).astype(np.float32)
     values[0], values[40] = 99.0, -np.inf
     assert njit(lambda a: largest16(a, 16, 32))(values) == values[16:48].max()
+
+
+@pytest.mark.parametrize("group", [8, 16])  # AVX2's and AVX-512's, whatever this CPU has
+@pytest.mark.parametrize("count", [1, 2, 4, 6])
+@pytest.mark.parametrize("depth", [1, 7, 33])
+def test_tile_multiplies_a_few_rows_by_a_panel(monkeypatch, group, count, depth):
+    monkeypatch.setattr(simd, "GROUP", group)
+    kernel = simd.tile(count)  # built now, with this group
+
+    @njit
+    def multiply(a, panel, out):
+        kernel(a, 3, depth + 2, panel, PANEL, depth, out, 1, PANEL + 5)
+
+    g = np.random.default_rng(count)
+    a = g.standard_normal(3 + count * (depth + 2)).astype(np.float32)  # rows `depth + 2` apart, from 3 on
+    panel = g.standard_normal((depth + 1) * PANEL).astype(np.float32)  # the panel from PANEL on
+    out = np.full(1 + count * (PANEL + 5), 7.0, np.float32)
+    multiply(a, panel, out)
+    rows = np.stack([a[3 + r * (depth + 2):3 + r * (depth + 2) + depth] for r in range(count)]).astype(np.float64)
+    wanted = rows @ panel[PANEL:].reshape(depth, PANEL)
+    got = out[1:].reshape(count, PANEL + 5)
+    np.testing.assert_allclose(got[:, :PANEL], wanted, rtol=1e-5, atol=1e-5)
+    assert out[0] == 7 and (got[:, PANEL:] == 7).all()

@@ -125,7 +125,7 @@ def test_the_lm_head_is_timed_up_to_64_rows_the_other_weights_up_to_a_prefill_ti
     calls = choosing(monkeypatch)
     model = load_model(path, device="cpu")
     head = tuple(model.lm_head.weight.shape)
-    tops = {(rows, inp): top for rows, inp, _, _, _, top, _ in calls}
+    tops = {(rows, inp): top for rows, inp, _, _, _, top, *_ in calls}
     assert tops[head] == 64 and {top for shape, top in tops.items() if shape != head} == {ROW_BUCKETS[-1]}
     assert any("at 64 rows or fewer" in key for key in json.loads(cache.read_text())[tunings.machine()])
 
@@ -147,12 +147,15 @@ def test_a_choice_is_kept_under_the_ways_it_was_made_among(monkeypatch, hf_model
     calls = choosing(monkeypatch)
     model = load_model(path, device="cpu")
     timed = len(calls)
-    offered = "/".join(way.__name__ for way in matmul.ways_for(model.dtype, packable(model.dtype)))
     keys = json.loads(cache.read_text())[tunings.machine()]
-    assert timed and len(keys) == timed and all(f" by {offered}, " in key for key in keys)
+    assert timed and len(keys) == timed
+    for rows, inp, *_, panels in calls:  # the tiled product is offered for weights of whole panels
+        offered = "/".join(way.__name__ for way in matmul.ways_for(model.dtype, packable(model.dtype), panels=panels))
+        assert panels == (rows % 16 == 0)
+        assert sum(key.startswith(f"{rows}x{inp} ") and f" by {offered}, " in key for key in keys) == 1
     load_model(path, device="cpu")
     assert len(calls) == timed  # the same ways: the kept choices are taken
-    monkeypatch.setattr(matmul, "ways_for", lambda dtype, packs=False, rows=1: (plain, flipped))
+    monkeypatch.setattr(matmul, "ways_for", lambda dtype, packs=False, rows=1, panels=False: (plain, flipped))
     load_model(path, device="cpu")
     assert len(calls) == 2 * timed  # chosen among other ways: timed again
 

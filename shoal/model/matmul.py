@@ -12,8 +12,10 @@ product is phrased, and the spread is wide:
 `tune` times every way on stand-ins of the model's weight shapes, per row bucket, and keeps whichever is clearly
 faster than the plain product. Where oneDNN's packed product wins some buckets only (float32 on that EPYC: 1.4-1.6x
 at 64 rows, 1.1x at 512, but up to 1.4x slower for one row), a packed copy serves those buckets and the weight as
-it was the others, if memory allows. The choices are kept on disk per machine (`tunings`): a model loads again
-without timing.
+it was the others, if memory allows. In float32 `tiles` offers a product of its own over a copy of the weight laid
+out in panels (on that EPYC 1.2-1.4x OpenBLAS's at 64 rows); a weight keeps at most one copy, of the kind that saves
+the most time over the buckets. The choices are kept on disk per machine (`tunings`): a model loads again without
+timing.
 """
 
 import bisect
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
-from shoal.model import paged, tunings
+from shoal.model import paged, tiles, tunings
 from shoal.model.gemv import gemv, gemv_on_caller
 
 log = logging.getLogger("shoal.model")
@@ -91,6 +93,11 @@ def openblas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a @ weight.detach().numpy().T)[:rows]
 
 
+def tiled(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """The product by `tiles` over the weight's copy in panels; float32 only."""
+    return tiles.product(x, panels)
+
+
 def packable(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs weights of this dtype on this CPU: bfloat16 and float16 need AVX-512 (or AVX-NE-CONVERT)
     instructions that many CPUs lack, AVX2-only ones among them."""
@@ -119,15 +126,19 @@ def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
-def ways_for(dtype: torch.dtype, packs: bool = False, rows: int = 1) -> tuple[Way, ...]:
+COPIED = (packed_product, tiled)  # the ways that multiply a copy of the weight, in a layout of their own
+
+
+def ways_for(dtype: torch.dtype, packs: bool = False, rows: int = 1, panels: bool = False) -> tuple[Way, ...]:
     """The ways to time for a dtype and row count; with `packs`, the packed product too (its weight being the
-    packed one). Up to GEMV_ROWS bfloat16 rows may take numba's matrix-vector kernels."""
+    packed one), with `panels` (float32 only) the tiled one. Up to GEMV_ROWS bfloat16 rows may take numba's
+    matrix-vector kernels."""
     if dtype == torch.float32:
         unpacked = (plain, flipped, openblas)
     else:
         few = dtype == torch.bfloat16 and rows <= GEMV_ROWS
         unpacked = (plain, flipped, gemv, gemv_on_caller) if few else (plain, flipped)
-    return (*unpacked, packed_product) if packs else unpacked
+    return (*unpacked, *(packed_product,) * packs, *(tiled,) * (panels and dtype == torch.float32))
 
 
 def set_threads(n: int) -> None:
@@ -146,7 +157,8 @@ def bucket(rows: int) -> int:
 class Linear(nn.Linear):
     """nn.Linear that multiplies the way `tune` found fastest for the row count: `ways` per row bucket (empty:
     always plain). `packed_product` multiplies a weight that `pack_loaded` packed: the weight itself where every
-    bucket takes it and no other module shares it, else a copy beside it (`packed`)."""
+    bucket takes it and no other module shares it, else a copy beside it (`packed`); `tiled` multiplies such a copy
+    in panels."""
 
     ways: tuple[Way, ...] = ()
     packed: torch.Tensor | None = None
@@ -168,7 +180,7 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wa
         return F.linear(x, weight, bias)
     if way is packed_product:
         return packed_product(x, packed, bias)
-    out = way(x.reshape(rows, -1), weight)
+    out = way(x.reshape(rows, -1), packed if way is tiled else weight)
     out = out if bias is None else out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -181,7 +193,8 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 def _stand_in_shape(out: int, inp: int, dtype: torch.dtype, count: int) -> tuple[int, int]:
     """Rows and number of the weights to time products with: up to `count` of the shape, at most TIMING_BYTES in
     all so that small ones are not all in cache; a weight larger than FULL_SHAPE_BYTES is cut to its first rows."""
-    rows = max(1, min(out, FULL_SHAPE_BYTES // (inp * dtype.itemsize)))
+    rows = out if out * inp * dtype.itemsize <= FULL_SHAPE_BYTES else FULL_SHAPE_BYTES // (inp * dtype.itemsize)
+    rows = rows if rows == out else max(tiles.PANEL, rows - rows % tiles.PANEL)  # a cut keeps whole panels
     return rows, max(1, min(count, TIMING_BYTES // (rows * inp * dtype.itemsize)))
 
 
@@ -226,47 +239,68 @@ def _time(weights: list[torch.Tensor], x: torch.Tensor, way: Way, evict: Evict |
     return time.perf_counter() - began
 
 
-def _fastest(weights: list[torch.Tensor], rows: int, packed: list[torch.Tensor] | None = None,
+def _fastest(weights: list[torch.Tensor], rows: int, copies: dict[Way, list[torch.Tensor]] | None = None,
              evict: Evict | None = None) -> tuple[dict[Way, float], Way]:
-    """Each way's time (with `packed`, the packed product's on those weights too), and the way to use: the quickest
-    one if clearly faster than plain, else plain. All take turns, round after round, so a slow moment of the
-    machine does not count against one of them only (timed apart, or for one round only, the packed product won
-    or lost from one load to the next: a 0.5B model's LM head once left unpacked, 1.3x slower at 64 rows)."""
+    """Each way's time (with `copies`, also those of the ways that multiply copies: packed_product or tiled, each
+    on its own), and the way to use: the quickest one if clearly faster than plain, else plain. All take turns,
+    round after round, so a slow moment of the machine does not count against one of them only (timed apart, or
+    for one round only, the packed product won or lost from one load to the next: a 0.5B model's LM head once
+    left unpacked, 1.3x slower at 64 rows)."""
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
-    ways = ways_for(weights[0].dtype, rows=rows)
-    operands = dict.fromkeys(ways, weights) | ({packed_product: packed} if packed else {})
+    operands = dict.fromkeys(ways_for(weights[0].dtype, rows=rows), weights) | (copies or {})
     times = dict.fromkeys(operands, float("inf"))
     for _ in range(ROUNDS):
         for way, ws in operands.items():
             times[way] = min(times[way], _time(ws, x, way, evict))
-    best = min(times, key=times.__getitem__)
-    return times, best if times[best] < CLEARLY * times[plain] else plain
+    return times, _best(times)
+
+
+def _best(times: dict[Way, float], barred: frozenset[Way] = frozenset()) -> Way:
+    """The quickest way but those barred, if clearly faster than plain, else plain."""
+    best = min((way for way in times if way not in barred), key=times.__getitem__)
+    return best if times[best] < CLEARLY * times[plain] else plain
+
+
+def _one_copy(timings: list[dict[Way, float]]) -> list[Way]:
+    """Each bucket's way, given its timing, with at most one kind of copy among them (a weight keeps one copy beside
+    it): where the buckets' quickest ways multiply both, the kind that saves more time over those buckets."""
+    ways = [_best(times) for times in timings]
+    kinds = {way for way in ways if way in COPIED}
+    if len(kinds) < 2:
+        return ways
+    saved = {kind: sum(_unpacked(times) - times[kind] for times, way in zip(timings, ways, strict=True) if way is kind)
+             for kind in kinds}
+    kept = max(saved, key=saved.__getitem__)
+    return [_best(times, frozenset(kinds - {kept})) for times in timings]
 
 
 def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool, timed_rows: int = ROW_BUCKETS[-1],
-            evict: Evict | None = None) -> tuple[str, tuple[Way, ...]]:
+            evict: Evict | None = None, panels: bool = False) -> tuple[str, tuple[Way, ...]]:
     """The layout of weights of this shape (row or column) and the way to multiply per row bucket (with `packs`,
-    the packed product among them), timed on `count` stand-ins of `rows` rows, for buckets up to `timed_rows` (the
-    buckets above take the last one's way). Between row and column, the layout is the one faster for a single row:
-    the latency of decoding one sequence."""
+    the packed product among them, with `panels` the tiled one), timed on `count` stand-ins of `rows` rows, for
+    buckets up to `timed_rows` (the buckets above take the last one's way). Between row and column, the layout is
+    the one faster for a single row: the latency of decoding one sequence."""
     rows_major = [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
-    packed = [pack(w) for w in rows_major] if packs else None
-    by_row = _fastest(rows_major, 1, packed, evict)
+    copies = {packed_product: [pack(w) for w in rows_major]} if packs else {}
+    copies |= {tiled: [tiles.pack(w) for w in rows_major]} if panels else {}
+    by_row = _fastest(rows_major, 1, copies, evict)
     if by_row[0][plain] / len(rows_major) < QUICK_S:
         return "row", ()
     cols_major = [column_major(w) for w in rows_major]
-    by_col = _fastest(cols_major, 1, packed, evict)
+    by_col = _fastest(cols_major, 1, copies, evict)
     columns = _unpacked(by_col[0]) < _unpacked(by_row[0])
     layout, weights, single = ("column", cols_major, by_col) if columns else ("row", rows_major, by_row)
-    ways = [single[1]] + [_fastest(weights, n, packed, evict)[1] for n in ROW_BUCKETS[1:] if n <= timed_rows]
+    timings = [single[0]] + [_fastest(weights, n, copies, evict)[0] for n in ROW_BUCKETS[1:] if n <= timed_rows]
+    ways = _one_copy(timings)
     return layout, tuple(ways + ways[-1:] * (len(ROW_BUCKETS) - len(ways)))
 
 
-def _recall(entry: dict | None, dtype: torch.dtype, packs: bool) -> tuple[str, tuple[Way, ...]] | None:
+def _recall(entry: dict | None, dtype: torch.dtype, packs: bool, panels: bool = False
+            ) -> tuple[str, tuple[Way, ...]] | None:
     """A choice as `tunings` kept it, if it is one `_choose` could have made (else None, to choose again)."""
     if entry is None:
         return None
-    ways = {way.__name__: way for way in ways_for(dtype, packs)}
+    ways = {way.__name__: way for way in ways_for(dtype, packs, panels=panels)}
     try:
         layout, names = entry["layout"], entry["ways"]
         valid = (layout in ("row", "column") and isinstance(names, list) and len(names) in (0, len(ROW_BUCKETS))
@@ -280,8 +314,8 @@ def _recall(entry: dict | None, dtype: torch.dtype, packs: bool) -> tuple[str, t
 
 
 def _unpacked(times: dict[Way, float]) -> float:
-    """The quickest time of the ways that multiply the weight as it is (not its packed copy)."""
-    return min(t for way, t in times.items() if way is not packed_product)
+    """The quickest time of the ways that multiply the weight as it is (not a copy)."""
+    return min(t for way, t in times.items() if way not in COPIED)
 
 
 def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
@@ -306,43 +340,51 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
     chosen = {}
     with torch.inference_mode(), tunings.remembered() as known:
         for (out, inp, dtype, tied, timed_rows), modules in groups.items():
-            # A shared weight can only be packed as a copy: without copies, its packed products are not timed
+            # A shared weight can only be packed as a copy: without copies, its packed products are not timed;
+            # panels are always a copy
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
+            panels = copies and tiles.supports(out, dtype)
             # The ways are in the key: a choice made among others (before a way was added, say) is made again
-            offered = "/".join(way.__name__ for way in ways_for(dtype, packs))
+            offered = "/".join(way.__name__ for way in ways_for(dtype, packs, panels=panels))
             key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')} by {offered}, timed on {count} at {timed_rows}"
                    f" rows or fewer{', from memory' * (evict is not None)}")
-            choice = _recall(known.get(key), dtype, packs)
+            choice = _recall(known.get(key), dtype, packs, panels)
             if choice is None:
                 log.info("timing products for a weight shape, once on this machine (the choice is kept)",
                          extra={"shape": f"{out}x{inp}", "tunings": str(tunings.path())})
-                choice = _choose(rows, inp, dtype, count, packs, timed_rows, evict)
+                choice = _choose(rows, inp, dtype, count, packs, timed_rows, evict, panels)
                 known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]]}
             layout, ways = choice
             replaced = _packed_only(ways) and not tied
-            extra = 0 if replaced or packed_product not in ways else sum(m.weight.nbytes for m in modules)
+            copied = any(way in COPIED for way in ways)
+            extra = 0 if replaced or not copied else sum(m.weight.nbytes for m in modules)
             if extra > spare:
-                ways, extra = tuple(plain if way is packed_product else way for way in ways), 0
+                ways, extra = tuple(plain if way in COPIED else way for way in ways), 0
             spare -= extra
             for m in modules:
                 if layout == "column" and not replaced and m.weight.is_contiguous():  # not column-major already
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
                 m.ways = ways if any(way is not plain for way in ways) else ()  # () skips the bucket lookup
             names = ", ".join(f"{n}: {w.__name__}" for n, w in zip(ROW_BUCKETS, ways, strict=True)) if ways else "plain"
-            copy = "; a packed copy" if extra else ""
+            copy = f"; a copy for {'tiled' if tiled in ways else 'packed_product'}" if extra else ""
             chosen[(out, inp)] = "packed by oneDNN" if replaced else f"{layout}-major; {names}{copy}"
     return chosen
 
 
 def pack_loaded(model: nn.Module) -> None:
     """Pack the loaded weights `tune` chose to pack: in place where a packed weight serves every row count and
-    no other module shares it, else as a copy beside the weight."""
+    no other module shares it, else as a copy beside the weight; lay out in panels those `tiled` multiplies."""
     shared = _shared(model)
-    for m in model.modules():
-        if not isinstance(m, Linear) or packed_product not in m.ways or m.weight.is_mkldnn or m.packed is not None:
+    linears = [m for m in model.modules() if isinstance(m, Linear) and not m.weight.is_mkldnn and m.packed is None]
+    if any(tiled in m.ways for m in linears):
+        tiles.warm()
+    for m in linears:
+        if tiled in m.ways:
+            m.packed = tiles.pack(m.weight)
+        elif packed_product not in m.ways:
             continue
-        if _packed_only(m.ways) and id(m.weight) not in shared:
+        elif _packed_only(m.ways) and id(m.weight) not in shared:
             m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
         else:
             m.packed = pack(m.weight)

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from test_model_parity import forward_batch, prompts, tables
+
+import shoal.model.matmul as matmul
+from shoal.model import load_model, tiles
+from shoal.model.matmul import ROW_BUCKETS, Linear, column_major, flipped, packed_product, plain, tiled
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 11, 13, 64, 100])
+@pytest.mark.parametrize(("out", "inp"), [(16, 1), (32, 7), (48, 17), (64, 100)])
+def test_the_tiled_product_computes_the_linear_map_for_any_rows(rows, out, inp):
+    g = torch.Generator().manual_seed(rows)
+    weight, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)
+    for w in (weight, column_major(weight)):
+        got = tiles.product(x, tiles.pack(w))
+        assert got.shape == (rows, out) and got.is_contiguous()
+        torch.testing.assert_close(got, x @ weight.T)
+    torch.testing.assert_close(tiles.product(x[:, :].t().contiguous().t(), tiles.pack(weight)), x @ weight.T)
+
+
+def test_panels_hold_whole_panels_of_float32_weights_only():
+    assert tiles.supports(32, torch.float32) and tiles.supports(151936, torch.float32)
+    assert not tiles.supports(24, torch.float32) and not tiles.supports(32, torch.bfloat16)
+    assert tiled in matmul.ways_for(torch.float32, panels=True) and tiled not in matmul.ways_for(torch.float32)
+    assert tiled not in matmul.ways_for(torch.bfloat16, packs=True, panels=True)
+
+
+def test_the_tiled_product_is_timed_on_its_copies_in_turn_with_the_ways(monkeypatch):
+    calls = []
+    monkeypatch.setattr(matmul, "_time", lambda ws, x, way, evict: calls.append((way, ws)) or (0.5 if way is tiled
+                                                                                              else 1.0))
+    weights, panels = [torch.ones(16, 4)], [tiles.pack(torch.ones(16, 4))]
+    times, way = matmul._fastest(weights, 2, {tiled: panels})
+    assert [w for w, _ in calls] == list(matmul.ways_for(torch.float32, panels=True)) * matmul.ROUNDS
+    assert all(ws is (panels if w is tiled else weights) for w, ws in calls)
+    assert way is tiled and times[tiled] == 0.5
+
+
+def test_a_weight_keeps_one_kind_of_copy_the_one_that_saves_more():
+    def times(packed: float, tile: float) -> dict:
+        return {plain: 1.0, flipped: 1.0, packed_product: packed, tiled: tile}
+
+    # packed wins two buckets, saving 0.15 in each, tiled one, saving 0.8: tiled is kept, and the buckets that took
+    # packed take their next best
+    timings = [times(0.85, 0.95), times(0.85, 0.88), times(0.7, 0.2), times(1.0, 1.0)]
+    assert matmul._one_copy(timings) == [plain, tiled, tiled, plain]
+    timings = [times(0.2, 0.9), times(0.5, 0.4), times(2.0, 2.0)]
+    assert matmul._one_copy(timings) == [packed_product, packed_product, plain]
+    assert matmul._one_copy([times(0.5, 0.6), times(0.95, 0.95)]) == [packed_product, plain]  # not clearly faster
+
+
+def test_a_model_multiplying_in_panels_gives_the_logits_of_plain_products(monkeypatch, tmp_path, hf_models):
+    _, path = hf_models("qwen2")
+    reference = load_model(path, device="cpu")
+    everywhere = (tiled,) * len(ROW_BUCKETS)
+    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs, timed, evict, panels:
+                        ("row", everywhere if panels else ()))
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # not the reference's choices: this load chooses
+    model = load_model(path, device="cpu")
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    paneled = [m for m in linears if m.ways == everywhere]
+    assert paneled and all(m.packed.shape == (m.out_features // 16, m.in_features, 16) for m in paneled)
+    assert all(m.packed is None and m.ways == () for m in linears if m not in paneled)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    lengths = [9, 1, 2]
+    seqs, bt = prompts(model.config.vocab_size, lengths), tables(lengths)
+    got, expected = (forward_batch(m, seqs, m.new_cache(sum(map(len, bt))), bt) for m in (model, reference))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
