@@ -197,7 +197,7 @@ def tile(rows: int):
     vec = ir.VectorType(_F32, GROUP)
 
     @intrinsic
-    def codegen_for(typingctx, a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride):
+    def kernel(typingctx, a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride):
         sig = types.void(a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride)
 
         def codegen(context, builder, signature, args):
@@ -226,4 +226,4 @@ def tile(rows: int):
 
         return sig, codegen
 
-    return codegen_for
+    return kernel

@@ -1,12 +1,13 @@
 """A float32 matrix product on a CPU over a weight laid out once in panels of PANEL rows, in numba.
 
-BLAS libraries multiply a few dozen rows poorly: on a Zen 3 EPYC (AVX2), OpenBLAS and oneDNN ran a 0.5B model's
-products at 64 rows (a decode tick of 64 sequences) at 75-125 GFLOP/s on 2 cores, against 140-180 at 512 rows; one
-core alone did no better, so it was not their threads but their kernels, which repack the weight on every call.
-Here the weight is repacked once, at load: panel p holds weight rows [p * PANEL, (p + 1) * PANEL) column by column,
-so that a tile of up to 6 rows of x runs down a panel's depth with its 6 x 16 sums in registers (`simd.tile`), each
-panel row loaded once for the tile. The threads share the panels. Same shapes, same machine, in one process: 64
-rows 115-155 GFLOP/s against OpenBLAS's 75-125, 8 rows 1.3-2x, 512 rows alike.
+BLAS libraries multiply a few dozen rows poorly: on a Zen 3 EPYC (AVX2), OpenBLAS, oneDNN and MKL ran a 0.5B model's
+products at 64 rows (a decode tick of 64 sequences) at 65-125 GFLOP/s on 2 cores, against 130-165 at 512 rows. Two
+single-threaded calls did no better than one on two threads, and weights in cache no better than from memory: it is
+their kernels, which repack the weight on every call. Here the weight is repacked once, at load: panel p holds
+weight rows [p * PANEL, (p + 1) * PANEL) column by column, so that a tile of up to 6 rows of x runs down a panel's
+depth with its 6 x 16 sums in registers (`simd.tile`), each panel row loaded once for the tile. The threads share
+the panels. Same shapes, same machine, by turns in one process: 64 rows 1.15-1.45x OpenBLAS's, 8 rows 1.3-2x, one
+row and 512 rows alike.
 """
 
 import numpy as np
