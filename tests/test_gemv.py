@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from shoal.model.gemv import gemv, gemv_on_caller
-from shoal.model.matmul import GEMV_ROWS, ROW_BUCKETS, Linear, _recall, column_major, plain, ways_for
+from shoal.model.matmul import GEMV_ROWS, ROW_BUCKETS, Linear, column_major, plain, ways_for
+from shoal.model.tune import _recall
 
 KERNELS = [gemv, gemv_on_caller]
 
@@ -78,15 +79,14 @@ def test_loading_a_bfloat16_model_compiles_the_kernels(monkeypatch, hf_models):
 
 
 def test_a_bfloat16_model_decodes_with_it_as_with_the_plain_product(monkeypatch, hf_models, tmp_path):
-    import shoal.model.matmul as matmul
-    from shoal.model import load_model
+    from shoal.model import load_model, tune
     from shoal.model.generate import generate
 
     _, path = hf_models("qwen2")
     tokens = {}
     for ways in ((gemv_on_caller, gemv, *[plain] * (len(ROW_BUCKETS) - 2)), ()):
         monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path / str(len(ways))))
-        monkeypatch.setattr(matmul, "_choose", lambda *args, ways=ways: ("row", ways))
+        monkeypatch.setattr(tune, "_choose", lambda *args, ways=ways: ("row", ways))
         model = load_model(path, device="cpu", dtype="bfloat16")
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         assert linears and all(m.ways == ways for m in linears)

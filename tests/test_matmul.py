@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from test_model_parity import forward_batch, prompts, tables
 from threadpoolctl import threadpool_info
 
-from shoal.model import load_model, tiles
+from shoal.model import load_model, tiles, tune
 from shoal.model.matmul import (
     COPIED,
     ROW_BUCKETS,
@@ -139,11 +139,10 @@ def test_forced_layouts_and_ways_give_the_tuned_logits(hf_models, arch):
 
 @pytest.mark.parametrize("wanted", [True, False])
 def test_an_engines_config_says_whether_its_weights_get_packed_copies(monkeypatch, tmp_path, tiny_model_dir, wanted):
-    import shoal.model.matmul as matmul
     from shoal.engine import Engine, EngineConfig
 
     ways = (plain, *(packed_product,) * (len(ROW_BUCKETS) - 1))  # a packed copy for 2 rows and more
-    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs, *_: ("row", ways if packs else ()))
+    monkeypatch.setattr(tune, "_choose", lambda out, inp, dtype, count, packs, *_: ("row", ways if packs else ()))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # no choice kept from an earlier load: this one chooses
     engine = Engine.from_dir(tiny_model_dir("llama"), EngineConfig(packed_copies=wanted))
     try:
@@ -186,9 +185,9 @@ def test_the_packed_product_is_timed_in_turn_with_the_ways_and_wins_a_bucket_as_
     import shoal.model.matmul as matmul
 
     calls, times = [], {matmul.packed_product: packed, matmul.flipped: flip}
-    monkeypatch.setattr(matmul, "_time", lambda ws, x, way, evict: calls.append(way) or times.get(way, 1.0))
-    timed, way = matmul._fastest([torch.ones(8, 4)], 2, {matmul.packed_product: [torch.ones(8, 4)]})
-    assert calls == list(matmul.ways_for(torch.float32, packs=True)) * matmul.ROUNDS
+    monkeypatch.setattr(tune, "_time", lambda ws, x, way, evict: calls.append(way) or times.get(way, 1.0))
+    timed, way = tune._fastest([torch.ones(8, 4)], 2, {matmul.packed_product: [torch.ones(8, 4)]})
+    assert calls == list(matmul.ways_for(torch.float32, packs=True)) * tune.ROUNDS
     assert timed[matmul.packed_product] == packed and way.__name__ == best
 
 
@@ -197,12 +196,11 @@ def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypat
                                                                        wanted, copied):
     import psutil
 
-    import shoal.model.matmul as matmul
 
     _, path = hf_models("qwen2")
     reference = load_model(path, device="cpu")
     ways = (plain, *(packed_product,) * (len(ROW_BUCKETS) - 1))  # a packed copy for 2 rows and more
-    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs, *_: ("row", ways))
+    monkeypatch.setattr(tune, "_choose", lambda out, inp, dtype, count, packs, *_: ("row", ways))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # not the reference's choices: this load chooses
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_gb * 2**30}))
     model = load_model(path, device="cpu", packed_copies=wanted)
@@ -216,7 +214,6 @@ def test_packed_copies_are_kept_beside_the_weights_while_memory_allows(monkeypat
 
 
 def test_a_head_is_timed_up_to_its_rows_and_takes_that_buckets_way_beyond(monkeypatch):
-    import shoal.model.matmul as matmul
 
     timed = []
 
@@ -225,9 +222,9 @@ def test_a_head_is_timed_up_to_its_rows_and_takes_that_buckets_way_beyond(monkey
         times = {plain: 1.0, flipped: 0.5 if rows == 64 else 1.0}
         return times, flipped if rows == 64 else plain
 
-    monkeypatch.setattr(matmul, "_fastest", fastest)
-    ways = matmul._choose(8, 4, torch.float32, 1, False, timed_rows=64)[1]
+    monkeypatch.setattr(tune, "_fastest", fastest)
+    ways = tune._choose(8, 4, torch.float32, 1, False, timed_rows=64)[1]
     assert 512 not in timed and 64 in timed
     assert len(ways) == len(ROW_BUCKETS) and ways[-2] is ways[-1] is flipped
     timed.clear()
-    assert matmul._choose(8, 4, torch.float32, 1, False)[1][-1] is plain and 512 in timed
+    assert tune._choose(8, 4, torch.float32, 1, False)[1][-1] is plain and 512 in timed

@@ -3,7 +3,7 @@ import torch
 from test_model_parity import forward_batch, prompts, tables
 
 import shoal.model.matmul as matmul
-from shoal.model import load_model, tiles
+from shoal.model import load_model, tiles, tune
 from shoal.model.matmul import ROW_BUCKETS, Linear, column_major, flipped, packed_product, plain, tiled
 
 
@@ -28,11 +28,11 @@ def test_panels_hold_whole_panels_of_float32_weights_only():
 
 def test_the_tiled_product_is_timed_on_its_copies_in_turn_with_the_ways(monkeypatch):
     calls = []
-    monkeypatch.setattr(matmul, "_time", lambda ws, x, way, evict: calls.append((way, ws)) or (0.5 if way is tiled
+    monkeypatch.setattr(tune, "_time", lambda ws, x, way, evict: calls.append((way, ws)) or (0.5 if way is tiled
                                                                                               else 1.0))
     weights, panels = [torch.ones(16, 4)], [tiles.pack(torch.ones(16, 4))]
-    times, way = matmul._fastest(weights, 2, {tiled: panels})
-    assert [w for w, _ in calls] == list(matmul.ways_for(torch.float32, panels=True)) * matmul.ROUNDS
+    times, way = tune._fastest(weights, 2, {tiled: panels})
+    assert [w for w, _ in calls] == list(matmul.ways_for(torch.float32, panels=True)) * tune.ROUNDS
     assert all(ws is (panels if w is tiled else weights) for w, ws in calls)
     assert way is tiled and times[tiled] == 0.5
 
@@ -44,17 +44,17 @@ def test_a_weight_keeps_one_kind_of_copy_the_one_that_saves_more():
     # packed wins two buckets, saving 0.15 in each, tiled one, saving 0.8: tiled is kept, and the buckets that took
     # packed take their next best
     timings = [times(0.85, 0.95), times(0.85, 0.88), times(0.7, 0.2), times(1.0, 1.0)]
-    assert matmul._one_copy(timings) == [plain, tiled, tiled, plain]
+    assert tune._one_copy(timings) == [plain, tiled, tiled, plain]
     timings = [times(0.2, 0.9), times(0.5, 0.4), times(2.0, 2.0)]
-    assert matmul._one_copy(timings) == [packed_product, packed_product, plain]
-    assert matmul._one_copy([times(0.5, 0.6), times(0.95, 0.95)]) == [packed_product, plain]  # not clearly faster
+    assert tune._one_copy(timings) == [packed_product, packed_product, plain]
+    assert tune._one_copy([times(0.5, 0.6), times(0.95, 0.95)]) == [packed_product, plain]  # not clearly faster
 
 
 def test_a_model_multiplying_in_panels_gives_the_logits_of_plain_products(monkeypatch, tmp_path, hf_models):
     _, path = hf_models("qwen2")
     reference = load_model(path, device="cpu")
     everywhere = (tiled,) * len(ROW_BUCKETS)
-    monkeypatch.setattr(matmul, "_choose", lambda out, inp, dtype, count, packs, timed, evict, panels:
+    monkeypatch.setattr(tune, "_choose", lambda out, inp, dtype, count, packs, timed, evict, panels:
                         ("row", everywhere if panels else ()))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # not the reference's choices: this load chooses
     model = load_model(path, device="cpu")

@@ -7,7 +7,7 @@ import torch
 from filelock import FileLock
 
 import shoal.model.matmul as matmul
-from shoal.model import load_model, tunings
+from shoal.model import load_model, tune, tunings
 from shoal.model.matmul import ROW_BUCKETS, Linear, flipped, packable, packed_product, plain
 
 
@@ -25,7 +25,7 @@ def choosing(monkeypatch, choice=("row", ())) -> list:
         calls.append(args)
         return choice
 
-    monkeypatch.setattr(matmul, "_choose", choose)
+    monkeypatch.setattr(tune, "_choose", choose)
     return calls
 
 
@@ -134,8 +134,8 @@ def test_the_lm_head_is_timed_up_to_64_rows_the_other_weights_up_to_a_prefill_ti
 def test_a_model_larger_than_the_last_level_cache_is_timed_from_memory(monkeypatch, hf_models, cache, larger):
     _, path = hf_models("qwen2")
     evictions = []
-    monkeypatch.setattr(matmul, "last_level_cache", lambda: 1 if larger else 2**40)
-    monkeypatch.setattr(matmul.Evict, "__call__", lambda self: evictions.append(self))
+    monkeypatch.setattr(tune, "last_level_cache", lambda: 1 if larger else 2**40)
+    monkeypatch.setattr(tune.Evict, "__call__", lambda self: evictions.append(self))
     load_model(path, device="cpu")
     keys = json.loads(cache.read_text())[tunings.machine()]
     assert bool(evictions) == larger and len({id(e) for e in evictions}) == larger  # one buffer for the whole load
@@ -155,15 +155,15 @@ def test_a_choice_is_kept_under_the_ways_it_was_made_among(monkeypatch, hf_model
         assert sum(key.startswith(f"{rows}x{inp} ") and f" by {offered}, " in key for key in keys) == 1
     load_model(path, device="cpu")
     assert len(calls) == timed  # the same ways: the kept choices are taken
-    monkeypatch.setattr(matmul, "ways_for", lambda dtype, packs=False, rows=1, panels=False: (plain, flipped))
+    monkeypatch.setattr(tune, "ways_for", lambda dtype, packs=False, rows=1, panels=False: (plain, flipped))
     load_model(path, device="cpu")
     assert len(calls) == 2 * timed  # chosen among other ways: timed again
 
 
 def test_eviction_reads_twice_the_last_level_cache_at_most_a_gib(monkeypatch):
     for cache_bytes, read in ((3 * 2**20, 6 * 2**20), (2**30, 2**30)):
-        monkeypatch.setattr(matmul, "last_level_cache", lambda cache_bytes=cache_bytes: cache_bytes)
-        evict = matmul.Evict()
+        monkeypatch.setattr(tune, "last_level_cache", lambda cache_bytes=cache_bytes: cache_bytes)
+        evict = tune.Evict()
         evict()
         assert evict.buffer.nbytes == read
 
@@ -172,12 +172,12 @@ def test_the_last_level_cache_is_the_largest_linux_reports(monkeypatch, tmp_path
     for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K"), ("index4", "junk")):
         (tmp_path / index).mkdir()
         (tmp_path / index / "size").write_text(f"{size}\n")
-    monkeypatch.setattr(matmul, "CPU_CACHES", tmp_path)
-    matmul.last_level_cache.cache_clear()
+    monkeypatch.setattr(tune, "CPU_CACHES", tmp_path)
+    tune.last_level_cache.cache_clear()
     try:
-        assert matmul.last_level_cache() == 491520 * 2**10
-        monkeypatch.setattr(matmul, "CPU_CACHES", tmp_path / "none")
-        matmul.last_level_cache.cache_clear()
-        assert matmul.last_level_cache() == 32 * 2**20
+        assert tune.last_level_cache() == 491520 * 2**10
+        monkeypatch.setattr(tune, "CPU_CACHES", tmp_path / "none")
+        tune.last_level_cache.cache_clear()
+        assert tune.last_level_cache() == 32 * 2**20
     finally:
-        matmul.last_level_cache.cache_clear()
+        tune.last_level_cache.cache_clear()

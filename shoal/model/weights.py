@@ -10,8 +10,9 @@ from safetensors import safe_open
 from shoal.model import fused, gemv
 from shoal.model.config import ModelConfig
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
-from shoal.model.matmul import native_bfloat16, pack_loaded, tune
+from shoal.model.matmul import native_bfloat16, pack_loaded
 from shoal.model.transformer import Transformer
+from shoal.model.tune import tune
 
 log = logging.getLogger("shoal.model")
 
@@ -46,7 +47,7 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
                packed_copies: bool = True) -> Transformer:
     """Load layers [start, end) of an HF checkpoint, reading only the tensors that range needs. The dtype
     (or its name) is `resolve_dtype`'s. `packed_copies`: on a CPU, keep packed copies of weights for the
-    batches they multiply faster, memory allowing (see model/matmul.py)."""
+    batches they multiply faster, memory allowing (see model/tune.py)."""
     path = Path(path)
     config = ModelConfig.from_dir(path)
     device = torch.device(device) if device else default_device()
