@@ -53,10 +53,10 @@ def _ints(values):
     return ir.Constant(ir.VectorType(ir.IntType(32), len(values)), values)
 
 
-def _splat(builder, value):
-    """A float32 in every lane."""
-    one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.IntType(32)(0))
-    return builder.shuffle_vector(one, one, _ints([0] * LANES))
+def _splat(builder, value, lanes=LANES):
+    """A float32 in every one of `lanes` lanes."""
+    one = builder.insert_element(ir.Constant(ir.VectorType(_F32, lanes), ir.Undefined), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, one, _ints([0] * lanes))
 
 
 def _madd(builder, a, b, c):
@@ -188,7 +188,6 @@ def prefetch(typingctx, arr, at, count):
     return sig, codegen
 
 
-
 def tile(rows: int):
     """An intrinsic for `rows` rows of a matrix product's tile: c[c_at + r * c_stride + j] = sum(a[a_at + r * a_stride
     + e] * b[b_at + e * PANEL + j] for e < depth), r < rows, j < PANEL, b holding a panel of a weight, PANEL of its
@@ -212,9 +211,7 @@ def tile(rows: int):
                 panel_row = builder.add(b_at, builder.mul(e, intp(PANEL)))
                 bs = [_load(builder, signature.args[3], bp, builder.add(panel_row, intp(j)), GROUP) for j in parts]
                 for start, row in zip(starts, sums, strict=True):
-                    value = builder.load(builder.gep(ap, [builder.add(start, e)]))
-                    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.IntType(32)(0))
-                    splat = builder.shuffle_vector(one, one, _ints([0] * GROUP))
+                    splat = _splat(builder, builder.load(builder.gep(ap, [builder.add(start, e)])), GROUP)
                     for bv, total in zip(bs, row, strict=True):
                         builder.store(_madd(builder, splat, bv, builder.load(total)), total)
             for r, row in enumerate(sums):

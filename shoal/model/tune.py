@@ -150,14 +150,14 @@ def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool, ti
     rows_major = [torch.full((rows, inp), 0.01, dtype=dtype) for _ in range(count)]
     copies = {packed_product: [pack(w) for w in rows_major]} if packs else {}
     copies |= {tiled: [tiles.pack(w) for w in rows_major]} if panels else {}
-    by_row = _fastest(rows_major, 1, copies, evict)
-    if by_row[0][plain] / len(rows_major) < QUICK_S:
+    by_row = _fastest(rows_major, 1, copies, evict)[0]
+    if by_row[plain] / len(rows_major) < QUICK_S:
         return "row", ()
     cols_major = [column_major(w) for w in rows_major]
-    by_col = _fastest(cols_major, 1, copies, evict)
-    columns = _unpacked(by_col[0]) < _unpacked(by_row[0])
+    by_col = _fastest(cols_major, 1, evict=evict)[0] | {way: by_row[way] for way in copies}  # a copy has one layout
+    columns = _unpacked(by_col) < _unpacked(by_row)
     layout, weights, single = ("column", cols_major, by_col) if columns else ("row", rows_major, by_row)
-    timings = [single[0]] + [_fastest(weights, n, copies, evict)[0] for n in ROW_BUCKETS[1:] if n <= timed_rows]
+    timings = [single] + [_fastest(weights, n, copies, evict)[0] for n in ROW_BUCKETS[1:] if n <= timed_rows]
     ways = _one_copy(timings)
     return layout, tuple(ways + ways[-1:] * (len(ROW_BUCKETS) - len(ways)))
 
