@@ -26,6 +26,7 @@ from shoal.model.matmul import (
     tiled,
     ways_for,
 )
+from shoal.model.simd import PANEL
 
 
 def test_buckets_hold_their_rows():
@@ -53,7 +54,7 @@ def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
 
 @pytest.mark.parametrize(("copy", "way"), [(pack, packed_product), (tiles.pack, tiled)])
 def test_a_linear_multiplies_its_copy_in_the_buckets_that_take_it(copy, way):
-    linear = Linear(7, 32, bias=True)
+    linear = Linear(7, 2 * PANEL, bias=True)
     linear.packed = copy(2 * linear.weight)  # a copy that tells which weight multiplied
     linear.ways = (flipped, plain, way, plain, *(way,) * (len(ROW_BUCKETS) - 4))
     with torch.inference_mode():

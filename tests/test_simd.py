@@ -72,9 +72,10 @@ def test_largest16_is_the_maximum_of_its_range_only():
 @pytest.mark.parametrize("group", [8, 16])  # AVX2's and AVX-512's, whatever this CPU has
 @pytest.mark.parametrize("count", [1, 2, 4, 6])
 @pytest.mark.parametrize("depth", [1, 7, 33])
-def test_tile_multiplies_a_few_rows_by_a_panel(monkeypatch, group, count, depth):
+@pytest.mark.parametrize("ahead", [0, 5])  # fetching ahead, past the panel's end too, changes nothing
+def test_tile_multiplies_a_few_rows_by_a_panel(monkeypatch, group, count, depth, ahead):
     monkeypatch.setattr(simd, "GROUP", group)
-    kernel = simd.tile(count)  # built now, with this group
+    kernel = simd.tile(count, ahead)  # built now, with this group
 
     @njit
     def multiply(a, panel, out):

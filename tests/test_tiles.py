@@ -5,10 +5,11 @@ from test_model_parity import forward_batch, prompts, tables
 import shoal.model.matmul as matmul
 from shoal.model import load_model, tiles, tune
 from shoal.model.matmul import ROW_BUCKETS, Linear, column_major, flipped, packed_product, plain, tiled
+from shoal.model.simd import PANEL
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 11, 13, 64, 100])
-@pytest.mark.parametrize(("out", "inp"), [(16, 1), (32, 7), (48, 17), (64, 100)])
+@pytest.mark.parametrize(("out", "inp"), [(PANEL, 1), (2 * PANEL, 7), (3 * PANEL, 17), (4 * PANEL, 100)])
 def test_the_tiled_product_computes_the_linear_map_for_any_rows(rows, out, inp):
     g = torch.Generator().manual_seed(rows)
     weight, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)
@@ -20,8 +21,8 @@ def test_the_tiled_product_computes_the_linear_map_for_any_rows(rows, out, inp):
 
 
 def test_panels_hold_whole_panels_of_float32_weights_only():
-    assert tiles.supports(32, torch.float32) and tiles.supports(151936, torch.float32)
-    assert not tiles.supports(24, torch.float32) and not tiles.supports(32, torch.bfloat16)
+    assert tiles.supports(2 * PANEL, torch.float32) and tiles.supports(151936, torch.float32)
+    assert not tiles.supports(PANEL + 8, torch.float32) and not tiles.supports(2 * PANEL, torch.bfloat16)
     assert tiled in matmul.ways_for(torch.float32, panels=True) and tiled not in matmul.ways_for(torch.float32)
     assert tiled not in matmul.ways_for(torch.bfloat16, packs=True, panels=True)
 
@@ -30,7 +31,7 @@ def test_the_tiled_product_is_timed_on_its_copies_in_turn_with_the_ways(monkeypa
     calls = []
     monkeypatch.setattr(tune, "_time", lambda ws, x, way, evict: calls.append((way, ws)) or (0.5 if way is tiled
                                                                                               else 1.0))
-    weights, panels = [torch.ones(16, 4)], [tiles.pack(torch.ones(16, 4))]
+    weights, panels = [torch.ones(PANEL, 4)], [tiles.pack(torch.ones(PANEL, 4))]
     times, way = tune._fastest(weights, 2, {tiled: panels})
     assert [w for w, _ in calls] == list(matmul.ways_for(torch.float32, panels=True)) * tune.ROUNDS
     assert all(ws is (panels if w is tiled else weights) for w, ws in calls)
@@ -60,7 +61,7 @@ def test_a_model_multiplying_in_panels_gives_the_logits_of_plain_products(monkey
     model = load_model(path, device="cpu")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     paneled = [m for m in linears if m.ways == everywhere]
-    assert paneled and all(m.packed.shape == (m.out_features // 16, m.in_features, 16) for m in paneled)
+    assert paneled and all(m.packed.shape == (m.out_features // PANEL, m.in_features, PANEL) for m in paneled)
     assert all(m.packed is None and m.ways == () for m in linears if m not in paneled)
     assert model.lm_head.weight is model.embed_tokens.weight
     lengths = [9, 1, 2]
