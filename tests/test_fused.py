@@ -107,3 +107,10 @@ def test_rotate_turns_a_strided_view_in_place_as_apply_rotary_does(rows):
     fused.rotate(q, cos, sin)
     torch.testing.assert_close(q, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(qkv[:, 16 * 64:], rest)
+
+
+def test_rotate_names_heads_that_are_not_side_by_side():
+    cos = sin = torch.ones(3, 1, 64)
+    with pytest.raises(ValueError, match="side-by-side heads"):
+        fused.rotate(torch.randn(3, 64, 4).transpose(1, 2), cos, sin)
+    assert fused.rotate(torch.empty(0, 4, 64), cos[:0], sin[:0]).shape == (0, 4, 64)
