@@ -133,8 +133,9 @@ def _pick_rows(x, tops, scales, us, out):
 
 @njit(fastmath=True, cache=True)
 def _mass(x, top, scale):
-    # A loop of its own over a 1-D slice, and top computed outside: only then does numba's code vectorize it
-    total = 0.0
+    # A loop of its own over a 1-D slice, and top computed outside: only then does numba's code vectorize it. A
+    # float32 sum: a chunk is short enough, and with a float64 one 64 rows of a 152k vocabulary took 4.5 ms, not 1.9
+    total = np.float32(0.0)
     for i in range(x.shape[0]):
         total += exp((x[i] - top) * scale)
     return total
