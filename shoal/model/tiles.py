@@ -8,8 +8,8 @@ weight rows [p * PANEL, (p + 1) * PANEL) column by column (PANEL 16 on AVX2, 64 
 to 6 rows of x runs down a panel's depth with its 6 x PANEL sums in registers (`simd.tile`), each panel row loaded
 once for the tile. The threads share the panels. Same shapes, same machine, by turns in one process: 64 rows
 1.15-1.45x OpenBLAS's, 8 rows 1.3-2x, one row and 512 rows alike. On an AMX Xeon (AVX-512), against oneDNN's
-packed product, the best there: 64 rows of the LM head 1.1-1.2x, of qkv and o 1.05-1.1x, of gate and up alike, of
-down 0.85-0.95x.
+packed product, the best there: 64 rows of the LM head 1.1-1.2x, of qkv 1.05-1.1x, of o 1.1-1.2x, of gate and up
+1.0-1.1x, of down 0.83-0.94x; in its engine, the decode ticks' products took 2% less time.
 """
 
 import numpy as np
@@ -19,7 +19,7 @@ from numba import njit, prange
 from shoal.model.simd import PANEL, tile
 
 # The first tile over a panel reads it from memory, the others from cache: it asks for the panel 16 KB ahead of
-# where it reads. On an AMX Xeon, 2 cores, 64 rows of qkv, o and down ran 9-11% faster with it, gate and up 5%
+# where it reads. On an AMX Xeon, 2 cores, 64 rows of qkv, o and down ran 11-12% faster with it, gate and up 5%
 AHEAD = 16384 // (4 * PANEL)
 _first, _six, _four, _two, _one = tile(6, AHEAD), tile(6), tile(4), tile(2), tile(1)
 
