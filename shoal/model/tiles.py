@@ -21,7 +21,7 @@ from shoal.model.simd import PANEL, tile
 # The first tile over a panel reads it from memory, the others from cache: it asks for the panel 16 KB ahead of
 # where it reads. On an AMX Xeon, 2 cores, 64 rows of qkv, o and down ran 11-12% faster with it, gate and up 5%; on a
 # Zen 3 EPYC (panels of 16) 2-9% (8, 32 or 64 KB ahead: no better). Asking for the next panel while the other tiles
-# run, spread among them, was 10-25% slower there
+# run, spread among them, was 15-21% slower there at 64 rows
 AHEAD = 16384 // (4 * PANEL)
 _first, _six, _four, _two, _one = tile(6, AHEAD), tile(6), tile(4), tile(2), tile(1)
 
