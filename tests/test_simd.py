@@ -73,13 +73,14 @@ def test_largest16_is_the_maximum_of_its_range_only():
 @pytest.mark.parametrize("count", [1, 2, 4, 6])
 @pytest.mark.parametrize("depth", [1, 7, 33])
 @pytest.mark.parametrize("ahead", [0, 5])  # fetching ahead, past the panel's end too, changes nothing
-def test_tile_multiplies_a_few_rows_by_a_panel(monkeypatch, group, count, depth, ahead):
+@pytest.mark.parametrize("add", [False, True])
+def test_tile_multiplies_a_few_rows_by_a_panel(monkeypatch, group, count, depth, ahead, add):
     monkeypatch.setattr(simd, "GROUP", group)
     kernel = simd.tile(count, ahead)  # built now, with this group
 
     @njit
     def multiply(a, panel, out):
-        kernel(a, 3, depth + 2, panel, PANEL, depth, out, 1, PANEL + 5)
+        kernel(a, 3, depth + 2, panel, PANEL, depth, out, 1, PANEL + 5, add)
 
     g = np.random.default_rng(count)
     a = g.standard_normal(3 + count * (depth + 2)).astype(np.float32)  # rows `depth + 2` apart, from 3 on
@@ -89,5 +90,5 @@ def test_tile_multiplies_a_few_rows_by_a_panel(monkeypatch, group, count, depth,
     rows = np.stack([a[3 + r * (depth + 2):3 + r * (depth + 2) + depth] for r in range(count)]).astype(np.float64)
     wanted = rows @ panel[PANEL:].reshape(depth, PANEL)
     got = out[1:].reshape(count, PANEL + 5)
-    np.testing.assert_allclose(got[:, :PANEL], wanted, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, :PANEL], 7 * add + wanted, rtol=1e-5, atol=1e-5)
     assert out[0] == 7 and (got[:, PANEL:] == 7).all()

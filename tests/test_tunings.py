@@ -7,7 +7,7 @@ import torch
 from filelock import FileLock
 
 import shoal.model.matmul as matmul
-from shoal.model import load_model, tune, tunings
+from shoal.model import load_model, tiles, tune, tunings
 from shoal.model.matmul import ROW_BUCKETS, Linear, flipped, packable, packed_product, plain
 from shoal.model.simd import PANEL
 
@@ -152,7 +152,7 @@ def test_a_choice_is_kept_under_the_ways_it_was_made_among(monkeypatch, hf_model
     assert timed and len(keys) == timed
     for rows, inp, *_, panels in calls:  # the tiled product is offered for weights of whole panels
         offered = "/".join(way.__name__ for way in matmul.ways_for(model.dtype, packable(model.dtype), panels=panels))
-        offered += f" (panels of {PANEL})" * panels  # a choice among panels of another width is made again
+        offered += f" ({tiles.VARIANT})" * panels  # a choice among tiles of another kind is made again
         assert panels == (rows % PANEL == 0)
         assert sum(key.startswith(f"{rows}x{inp} ") and f" by {offered}, " in key for key in keys) == 1
     load_model(path, device="cpu")

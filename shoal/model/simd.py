@@ -198,23 +198,32 @@ def prefetch(typingctx, arr, at, count):
 
 def tile(rows: int, ahead: int = 0):
     """An intrinsic for `rows` rows of a matrix product's tile: c[c_at + r * c_stride + j] = sum(a[a_at + r * a_stride
-    + e] * b[b_at + e * PANEL + j] for e < depth), r < rows, j < PANEL, b holding a panel of a weight, PANEL of its
-    rows side by side (model/tiles.py). The tile's sums stay in registers (rows x PANEL / GROUP vectors) over the
-    whole depth: each row of the panel is loaded once for all the rows, each element of a once for the panel. With
+    + e] * b[b_at + e * PANEL + j] for e < depth), r < rows, j < PANEL (added to c's values with `add`), b holding a
+    panel of a weight, PANEL of its rows side by side (model/tiles.py). The tile's sums stay in registers (rows x
+    PANEL / GROUP vectors) over the whole depth: each row of the panel is loaded once for all the rows, each element of
+    a once for the panel. With
     `ahead`, each step also asks for the panel row `ahead` rows on to be brought into the second-level cache (past
     the panel's end that is the next panel's, past the array's nothing: a prefetch does not fault)."""
     vec = ir.VectorType(_F32, GROUP)
 
     @intrinsic
-    def kernel(typingctx, a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride):
-        sig = types.void(a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride)
+    def kernel(typingctx, a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride, add):
+        sig = types.void(a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride, add)
 
         def codegen(context, builder, signature, args):
-            ap, a_at, a_stride, bp, b_at, depth, cp, c_at, c_stride = _operands(context, builder, signature, args)
+            ap, a_at, a_stride, bp, b_at, depth, cp, c_at, c_stride, add = _operands(context, builder, signature,
+                                                                                     args)
             intp = cgutils.intp_t
             parts = range(0, PANEL, GROUP)
-            sums = [[cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * GROUP)) for _ in parts]
-                    for _ in range(rows)]
+            out_rows = [builder.add(c_at, builder.mul(c_stride, intp(r))) for r in range(rows)]
+            outs = [[builder.bitcast(builder.gep(cp, [builder.add(row, intp(j))]), vec.as_pointer()) for j in parts]
+                    for row in out_rows]
+            sums = [[cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * GROUP)) for _ in row] for row in outs]
+            # c is read only to add to: a fresh output's pages are not faulted in twice, read then written
+            with builder.if_then(builder.icmp_unsigned("!=", add, intp(0))):
+                for row, totals in zip(outs, sums, strict=True):
+                    for at, total in zip(row, totals, strict=True):
+                        builder.store(builder.load(at, align=4), total)
             starts = [builder.add(a_at, builder.mul(a_stride, intp(r))) for r in range(rows)]
             with cgutils.for_range(builder, depth) as loop:
                 e = loop.index
@@ -226,11 +235,9 @@ def tile(rows: int, ahead: int = 0):
                     splat = _splat(builder, builder.load(builder.gep(ap, [builder.add(start, e)])), GROUP)
                     for bv, total in zip(bs, row, strict=True):
                         builder.store(_madd(builder, splat, bv, builder.load(total)), total)
-            for r, row in enumerate(sums):
-                out_row = builder.add(c_at, builder.mul(c_stride, intp(r)))
-                for j, total in zip(parts, row, strict=True):
-                    at = builder.gep(cp, [builder.add(out_row, intp(j))])
-                    builder.store(builder.load(total), builder.bitcast(at, vec.as_pointer()), align=4)
+            for row, totals in zip(outs, sums, strict=True):
+                for at, total in zip(row, totals, strict=True):
+                    builder.store(builder.load(total), at, align=4)
             return context.get_dummy_value()
 
         return sig, codegen

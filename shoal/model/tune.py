@@ -212,10 +212,10 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
             panels = copies and tiles.supports(out, dtype)
-            # The ways are in the key: a choice made among others (before a way was added, or with panels of
-            # another width, say) is made again
+            # The ways are in the key: a choice made among others (before a way was added, or with tiles of
+            # another kind, say) is made again
             offered = "/".join(way.__name__ for way in ways_for(dtype, packs, panels=panels))
-            offered += f" (panels of {tiles.PANEL})" * panels
+            offered += f" ({tiles.VARIANT})" * panels
             key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')} by {offered}, timed on {count} at {timed_rows}"
                    f" rows or fewer{', from memory' * (evict is not None)}")
             choice = _recall(known.get(key), dtype, packs, panels)
