@@ -26,9 +26,9 @@ AHEAD = 16384 // (4 * PANEL)
 # Up to BLOCKED_ROWS rows, the tiles run down DEPTH of a panel at a time, their sums added into out between blocks: on
 # AVX-512, 32 KB of a panel of 64, which stays in the first-level cache while every tile of rows runs over it, where
 # a whole panel (896 deep in a 0.5B model: 229 KB) came from the second-level cache for each tile. On an AMX Xeon, 2
-# cores, weights cycled, by turns in one process: 8-128 rows 3-40% faster (64 rows 4-14%), 256 alike, 512 rows 4-15%
-# slower; 64 requests through the engine 1.1-2.9% more tokens/s (3 pairs). On a Zen 3 EPYC (AVX2, whose panels of 16
-# are 57 KB whole) blocks of 128-448 were no faster
+# cores, weights cycled, by turns in one process: 8-32 rows 4-37% faster, 64 rows 4-6% (gate and up 2% slower, down
+# 17% faster), 128-192 rows 0-6%, 256 alike, 512 5-20% slower; 64 requests through the engine 1.1-2.9% more tokens/s
+# (3 pairs). On a Zen 3 EPYC (AVX2, whose panels of 16 are 57 KB whole) blocks of 128-448 were no faster
 DEPTH, BLOCKED_ROWS = (128, 192) if PANEL == 64 else (0, 0)
 # How products run over the panels, in `tune`'s keys: a choice made with other tiles is made again
 VARIANT = f"panels of {PANEL}" + f", {DEPTH} deep up to {BLOCKED_ROWS} rows" * bool(DEPTH)
