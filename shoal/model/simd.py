@@ -201,9 +201,9 @@ def tile(rows: int, ahead: int = 0):
     + e] * b[b_at + e * PANEL + j] for e < depth), r < rows, j < PANEL (added to c's values with `add`), b holding a
     panel of a weight, PANEL of its rows side by side (model/tiles.py). The tile's sums stay in registers (rows x
     PANEL / GROUP vectors) over the whole depth: each row of the panel is loaded once for all the rows, each element of
-    a once for the panel. With
-    `ahead`, each step also asks for the panel row `ahead` rows on to be brought into the second-level cache (past
-    the panel's end that is the next panel's, past the array's nothing: a prefetch does not fault)."""
+    a once for the panel. With `ahead`, each step also asks for the panel row `ahead` rows on to be brought into the
+    second-level cache (past the panel's end that is the next panel's, past the array's nothing: a prefetch does not
+    fault)."""
     vec = ir.VectorType(_F32, GROUP)
 
     @intrinsic
