@@ -8,10 +8,14 @@ from shoal.model.matmul import ROW_BUCKETS, Linear, column_major, flipped, packe
 from shoal.model.simd import PANEL
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 11, 13, 64, 100, tiles.BLOCKED_ROWS + 5])
-@pytest.mark.parametrize(("out", "inp"), [(PANEL, 1), (2 * PANEL, 7), (3 * PANEL, 17), (4 * PANEL, 100),
-                                          (PANEL, 2 * tiles.DEPTH + 37)])  # on AVX-512 2 blocks, a part one
-def test_the_tiled_product_computes_the_linear_map_for_any_rows(rows, out, inp):
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 11, 13, 64, 100, 200])
+@pytest.mark.parametrize(("out", "inp"), [(PANEL, 0), (PANEL, 1), (2 * PANEL, 7), (3 * PANEL, 17), (4 * PANEL, 100),
+                                          (PANEL, 293)])
+@pytest.mark.parametrize("blocks", [None, (8, 64)])  # this CPU's depth blocks, and blocks of 8 up to 64 rows
+def test_the_tiled_product_computes_the_linear_map_for_any_rows(monkeypatch, rows, out, inp, blocks):
+    if blocks:
+        monkeypatch.setattr(tiles, "DEPTH", blocks[0])
+        monkeypatch.setattr(tiles, "BLOCKED_ROWS", blocks[1])
     g = torch.Generator().manual_seed(rows)
     weight, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)
     for w in (weight, column_major(weight)):

@@ -65,7 +65,7 @@ def warm() -> None:
 @njit(parallel=True, fastmath=True, cache=True)
 def _product(a, panels, out, rows, depth, width, block):
     for p in prange(width // PANEL):
-        for k in range(0, depth, block):
+        for k in range(0, max(depth, 1), block):  # a weight of no columns still writes its zeros
             _rows(a, panels, out, rows, depth, width, p, k, min(block, depth - k))
 
 
