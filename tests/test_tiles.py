@@ -26,6 +26,19 @@ def test_the_tiled_product_computes_the_linear_map_for_any_rows(monkeypatch, row
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 7, 64, 200])
+@pytest.mark.parametrize(("out", "inp"), [(PANEL, 0), (2 * PANEL, 7), (PANEL, 293)])
+@pytest.mark.parametrize("blocks", [None, (8, 64)])
+def test_the_tiled_product_adds_a_bias(monkeypatch, rows, out, inp, blocks):
+    if blocks:
+        monkeypatch.setattr(tiles, "DEPTH", blocks[0])
+        monkeypatch.setattr(tiles, "BLOCKED_ROWS", blocks[1])
+    g = torch.Generator().manual_seed(rows)
+    weight, x, bias = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g), torch.randn(out)
+    torch.testing.assert_close(tiles.product(x, tiles.pack(weight), bias), x @ weight.T + bias, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tiled(x, tiles.pack(weight), bias), x @ weight.T + bias, rtol=1e-5, atol=1e-4)
+
+
 def test_panels_hold_whole_panels_of_float32_weights_only():
     assert tiles.supports(2 * PANEL, torch.float32) and tiles.supports(151936, torch.float32)
     assert not tiles.supports(PANEL + 8, torch.float32) and not tiles.supports(2 * PANEL, torch.bfloat16)

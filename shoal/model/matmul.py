@@ -65,9 +65,9 @@ def openblas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a @ weight.detach().numpy().T)[:rows]
 
 
-def tiled(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
-    """The product by `tiles` over the weight's copy in panels; float32 only."""
-    return tiles.product(x, panels)
+def tiled(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product by `tiles` over the weight's copy in panels, plus the bias if any; float32 only."""
+    return tiles.product(x, panels, bias)
 
 
 def packable(dtype: torch.dtype) -> bool:
@@ -152,8 +152,11 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wa
         return F.linear(x, weight, bias)
     if way is packed_product:
         return packed_product(x, packed, bias)
-    out = way(x.reshape(rows, -1), packed if way is tiled else weight)
-    out = out if bias is None else out + bias
+    if way is tiled:
+        out = tiled(x.reshape(rows, -1), packed, bias)
+    else:
+        out = way(x.reshape(rows, -1), weight)
+        out = out if bias is None else out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -33,6 +33,7 @@ DEPTH, BLOCKED_ROWS = (128, 192) if PANEL == 64 else (0, 0)
 # How products run over the panels, in `tune`'s keys: a choice made with other tiles is made again
 VARIANT = f"panels of {PANEL}" + f", {DEPTH} deep up to {BLOCKED_ROWS} rows" * bool(DEPTH)
 _first, _six, _four, _two, _one = tile(6, AHEAD), tile(6), tile(4), tile(2), tile(1)
+_NO_BIAS = np.empty(0, np.float32)
 
 
 def supports(out: int, dtype: torch.dtype) -> bool:
@@ -47,13 +48,15 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(out // PANEL, PANEL, inp).transpose(1, 2).contiguous()
 
 
-def product(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] times the weight whose panels these are, transposed: [rows, out]."""
+def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] times the weight whose panels these are, transposed, plus the bias if any: [rows, out]. The
+    bias is the sums' start (added after, by torch, a decode tick's bias took a pass over the output of its own)."""
     count, depth, _ = panels.shape
     a = x.contiguous().numpy()
     out = np.empty((len(a), count * PANEL), np.float32)
     block = DEPTH if DEPTH and len(a) <= BLOCKED_ROWS else max(depth, 1)
-    _product(a.reshape(-1), panels.numpy().reshape(-1), out.reshape(-1), len(a), depth, count * PANEL, block)
+    start = _NO_BIAS if bias is None else bias.detach().contiguous().numpy()
+    _product(a.reshape(-1), panels.numpy().reshape(-1), out.reshape(-1), len(a), depth, count * PANEL, block, start)
     return torch.from_numpy(out)
 
 
@@ -63,17 +66,20 @@ def warm() -> None:
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _product(a, panels, out, rows, depth, width, block):
+def _product(a, panels, out, rows, depth, width, block, bias):
     for p in prange(width // PANEL):
-        for k in range(0, max(depth, 1), block):  # a weight of no columns still writes its zeros
-            _rows(a, panels, out, rows, depth, width, p, k, min(block, depth - k))
+        column = p * PANEL
+        if len(bias):
+            for r in range(rows):
+                out[r * width + column:r * width + column + PANEL] = bias[column:column + PANEL]
+        for k in range(0, max(depth, 1), block):  # a weight of no columns still writes its zeros (or its bias)
+            _rows(a, panels, out, rows, depth, width, p, k, min(block, depth - k), k > 0 or len(bias) > 0)
 
 
 @njit(inline="always", fastmath=True, cache=True)
-def _rows(a, panels, out, rows, depth, width, p, k, steps):
-    """Every row's sums over `steps` of panel p's depth from k on, into out (added to what is there past the first
-    block)."""
-    at, column, add = (p * depth + k) * PANEL, p * PANEL, k > 0
+def _rows(a, panels, out, rows, depth, width, p, k, steps, add):
+    """Every row's sums over `steps` of panel p's depth from k on, into out (with `add`, added to what is there)."""
+    at, column = (p * depth + k) * PANEL, p * PANEL
     r = 0
     if rows >= 6:
         _first(a, k, depth, panels, at, steps, out, column, width, add)
