@@ -8,14 +8,18 @@ from shoal.model.matmul import ROW_BUCKETS, Linear, column_major, flipped, packe
 from shoal.model.simd import PANEL
 
 
+@pytest.fixture(params=[None, (8, 64)], ids=["own-blocks", "blocks-of-8"])
+def blocks(request, monkeypatch):
+    """This CPU's depth blocks, and blocks of 8 up to 64 rows (forced, so that an AVX2 CPU runs them too)."""
+    if request.param:
+        monkeypatch.setattr(tiles, "DEPTH", request.param[0])
+        monkeypatch.setattr(tiles, "BLOCKED_ROWS", request.param[1])
+
+
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 11, 13, 64, 100, 200])
 @pytest.mark.parametrize(("out", "inp"), [(PANEL, 0), (PANEL, 1), (2 * PANEL, 7), (3 * PANEL, 17), (4 * PANEL, 100),
                                           (PANEL, 293)])
-@pytest.mark.parametrize("blocks", [None, (8, 64)])  # this CPU's depth blocks, and blocks of 8 up to 64 rows
-def test_the_tiled_product_computes_the_linear_map_for_any_rows(monkeypatch, rows, out, inp, blocks):
-    if blocks:
-        monkeypatch.setattr(tiles, "DEPTH", blocks[0])
-        monkeypatch.setattr(tiles, "BLOCKED_ROWS", blocks[1])
+def test_the_tiled_product_computes_the_linear_map_for_any_rows(blocks, rows, out, inp):
     g = torch.Generator().manual_seed(rows)
     weight, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)
     for w in (weight, column_major(weight)):
@@ -28,11 +32,7 @@ def test_the_tiled_product_computes_the_linear_map_for_any_rows(monkeypatch, row
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 64, 200])
 @pytest.mark.parametrize(("out", "inp"), [(PANEL, 0), (2 * PANEL, 7), (PANEL, 293)])
-@pytest.mark.parametrize("blocks", [None, (8, 64)])
-def test_the_tiled_product_adds_a_bias(monkeypatch, rows, out, inp, blocks):
-    if blocks:
-        monkeypatch.setattr(tiles, "DEPTH", blocks[0])
-        monkeypatch.setattr(tiles, "BLOCKED_ROWS", blocks[1])
+def test_the_tiled_product_adds_a_bias(blocks, rows, out, inp):
     g = torch.Generator().manual_seed(rows)
     weight, x, bias = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g), torch.randn(out)
     torch.testing.assert_close(tiles.product(x, tiles.pack(weight), bias), x @ weight.T + bias, rtol=1e-5, atol=1e-4)

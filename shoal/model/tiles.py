@@ -50,7 +50,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, in] times the weight whose panels these are, transposed, plus the bias if any: [rows, out]. The
-    bias is the sums' start (added after, by torch, a decode tick's bias took a pass over the output of its own)."""
+    sums start from the bias: added after the product by torch, it took a pass over the output of its own."""
     count, depth, _ = panels.shape
     a = x.contiguous().numpy()
     out = np.empty((len(a), count * PANEL), np.float32)
