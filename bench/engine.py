@@ -39,7 +39,7 @@ import transformers
 from model import random_qwen
 
 from shoal.engine import Engine, EngineConfig, SamplingParams
-from shoal.model import DEMO_PATH, Transformer, load_model
+from shoal.model import DEMO_PATH, Transformer, load_model, tiles
 from shoal.model.matmul import pack, packable, packed_product
 from shoal.model.tokenizer import Tokenizer
 
@@ -114,12 +114,16 @@ def best_seconds(work: Callable[[], object], device: torch.device, repeats: int,
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
     """The fastest plain matmul of the libraries the engine multiplies with (torch's; on a CPU also oneDNN's with
-    a packed weight, and numpy's for float32): the engine may use any, so the fraction is taken of the best."""
+    a packed weight, `tiles`' over panels, and numpy's for float32): the engine may use any, so the fraction is
+    taken of the best."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = best_seconds(lambda: a @ b, device, repeats=10)
     if device.type == "cpu" and packable(dtype):
         packed = pack(b.T)
         seconds = min(seconds, best_seconds(lambda: packed_product(a, packed), device, repeats=10))
+    if device.type == "cpu" and tiles.supports(n, n, dtype):
+        panels = tiles.pack(b.T)
+        seconds = min(seconds, best_seconds(lambda: tiles.product(a, panels), device, repeats=10))
     if device.type == "cpu" and dtype == torch.float32:
         an, bn = a.numpy(), b.numpy()
         seconds = min(seconds, best_seconds(lambda: an @ bn, device, repeats=10))

@@ -9,8 +9,8 @@ product is phrased, and the spread is wide:
 - oneDNN, given a weight packed once into its own blocked layout, ran bfloat16 products on that EPYC
   1.1-1.6x faster for one row and as fast for 64 (a 0.5B model decoded one sequence 18-35% faster),
   while float32 single rows ran twice as slow as OpenBLAS's;
-- in float32, `tiles` multiplies a copy of the weight laid out in panels, 1.2-1.4x faster than OpenBLAS at 64 rows
-  on a Zen 3 EPYC.
+- `tiles` multiplies a copy of the weight laid out in panels: in float32 1.2-1.4x faster than OpenBLAS at 64 rows
+  on a Zen 3 EPYC, in bfloat16 1.1-1.6x faster than oneDNN's packed product at 1-64 rows on a Zen 4 EPYC.
 `tune` times them all on stand-ins of a model's weight shapes and chooses, per row bucket; `pack_loaded` makes the
 copies its choices need.
 """
@@ -66,7 +66,7 @@ def openblas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def tiled(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The product by `tiles` over the weight's copy in panels, plus the bias if any; float32 only."""
+    """The product by `tiles` over the weight's copy in panels, plus the bias if any (float32 or bfloat16)."""
     return tiles.product(x, panels, bias)
 
 
@@ -103,14 +103,14 @@ COPIED = (packed_product, tiled)  # the ways that multiply a copy of the weight,
 
 def ways_for(dtype: torch.dtype, packs: bool = False, rows: int = 1, panels: bool = False) -> tuple[Way, ...]:
     """The ways to time for a dtype and row count; with `packs`, the packed product too (its weight being the
-    packed one), with `panels` (float32 only) the tiled one. Up to GEMV_ROWS bfloat16 rows may take numba's
+    packed one), with `panels` (weights `tiles` supports) the tiled one. Up to GEMV_ROWS bfloat16 rows may take numba's
     matrix-vector kernels."""
     if dtype == torch.float32:
         unpacked = (plain, flipped, openblas)
     else:
         few = dtype == torch.bfloat16 and rows <= GEMV_ROWS
         unpacked = (plain, flipped, gemv, gemv_on_caller) if few else (plain, flipped)
-    return (*unpacked, *(packed_product,) * packs, *(tiled,) * (panels and dtype == torch.float32))
+    return (*unpacked, *(packed_product,) * packs, *(tiled,) * panels)
 
 
 def set_threads(n: int) -> None:
@@ -170,8 +170,8 @@ def pack_loaded(model: nn.Module) -> None:
     no other module shares it, else as a copy beside the weight; lay out in panels those `tiled` multiplies."""
     held = shared_ids(model)
     linears = [m for m in model.modules() if isinstance(m, Linear) and not m.weight.is_mkldnn and m.packed is None]
-    if any(tiled in m.ways for m in linears):
-        tiles.warm()
+    for dtype in {m.weight.dtype for m in linears if tiled in m.ways}:
+        tiles.warm(dtype)
     for m in linears:
         if tiled in m.ways:
             m.packed = tiles.pack(m.weight)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import llvmlite.binding as llvm
 from llvmlite import ir
+from llvmlite.ir.types import _BaseFloatType
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -28,6 +29,9 @@ GROUP = LANES if llvm.get_host_cpu_features().get("avx512f", False) else 8
 # AVX-512's 32 registers in sums (12 of AVX2's 16). On an AMX Xeon, 2 cores, 64 rows of a 0.5B model's LM head and
 # gate and up ran at 249 and 254 GFLOP/s with panels of 64, 173 and 169 with panels of 16 (oneDNN's: 211 and 231)
 PANEL = 4 * GROUP if GROUP == LANES else 2 * GROUP
+# AVX512-BF16's dot product of bfloat16 pairs (vdpbf16ps): two products and their sum into float32 lanes in one
+# instruction. Without it, `tile` widens each pair's halves and makes two FMAs of them
+DOT_PAIRS = GROUP == LANES and llvm.get_host_cpu_features().get("avx512bf16", False)
 _F32 = ir.FloatType()
 _VEC = ir.VectorType(_F32, LANES)
 _FAST = ("fast",)
@@ -63,8 +67,8 @@ def _ints(values):
 
 
 def _splat(builder, value, lanes=LANES):
-    """A float32 in every one of `lanes` lanes."""
-    one = builder.insert_element(ir.Constant(ir.VectorType(_F32, lanes), ir.Undefined), value, ir.IntType(32)(0))
+    """A scalar (a float32, say) in every one of `lanes` lanes."""
+    one = builder.insert_element(ir.Constant(ir.VectorType(value.type, lanes), ir.Undefined), value, ir.IntType(32)(0))
     return builder.shuffle_vector(one, one, _ints([0] * lanes))
 
 
@@ -81,6 +85,54 @@ def _load(builder, arrty, ptr, index, lanes=LANES):
     bits = builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(16), lanes).as_pointer()), align=2)
     wide = builder.shl(builder.zext(bits, ir.VectorType(ir.IntType(32), lanes)), _ints([16] * lanes))
     return builder.bitcast(wide, vec)
+
+
+class _BFloat(_BaseFloatType):
+    """LLVM's bfloat, which llvmlite does not name: the operand type of vdpbf16ps's intrinsic."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self) -> str:
+        return "bfloat"
+
+
+_BFloat._create_instance()
+
+
+def _halves(builder, pairs):
+    """Float32 vectors of the low (even) and high (odd) bfloat16 halves of int32 lanes."""
+    vec, ints = ir.VectorType(_F32, pairs.type.count), pairs.type
+    low = builder.shl(pairs, ir.Constant(ints, [16] * ints.count))
+    high = builder.and_(pairs, ir.Constant(ints, [-65536] * ints.count))
+    return builder.bitcast(low, vec), builder.bitcast(high, vec)
+
+
+def _dot_pairs(builder, x, w, total):
+    """total + x's pair times w's pairs, lane by lane: int32 lanes holding two bfloat16 each, x the same in all."""
+    if DOT_PAIRS:
+        bf = ir.VectorType(_BFloat(), 2 * GROUP)
+        fn = _declare(builder, "llvm.x86.avx512bf16.dpbf16ps.512", total.type, total.type, bf, bf)
+        return builder.call(fn, [total, builder.bitcast(x, bf), builder.bitcast(w, bf)])
+    (x_low, x_high), (w_low, w_high) = _halves(builder, x), _halves(builder, w)
+    return _madd(builder, x_high, w_high, _madd(builder, x_low, w_low, total))
+
+
+def _narrow(builder, vec):
+    """Float32 lanes as bfloat16 bits (int16), rounded to nearest even, in integer steps (LLVM's own conversion
+    calls a runtime function where the CPU has no instruction for it)."""
+    ints = ir.VectorType(ir.IntType(32), vec.type.count)
+    bits = builder.bitcast(vec, ints)
+    odd = builder.and_(builder.lshr(bits, ir.Constant(ints, [16] * ints.count)), ir.Constant(ints, [1] * ints.count))
+    rounded = builder.add(bits, builder.add(odd, ir.Constant(ints, [0x7FFF] * ints.count)))
+    top = builder.lshr(rounded, ir.Constant(ints, [16] * ints.count))
+    return builder.trunc(top, ir.VectorType(ir.IntType(16), ints.count))
+
+
+def _ints_at(builder, ptr, index, lanes):
+    """A pointer to int32 (with `lanes`, a vector of them) at ptr[index] of bfloat16 bits: pairs of elements."""
+    at = builder.bitcast(builder.gep(ptr, [index]), ir.IntType(32).as_pointer())
+    return builder.bitcast(at, ir.VectorType(ir.IntType(32), lanes).as_pointer()) if lanes else at
 
 
 def _sum_lanes(builder, vectors):
@@ -203,12 +255,15 @@ def tile(rows: int, ahead: int = 0):
     PANEL / GROUP vectors) over the whole depth: each row of the panel is loaded once for all the rows, each element of
     a once for the panel. With `ahead`, each step also asks for the panel row `ahead` rows on to be brought into the
     second-level cache (past the panel's end that is the next panel's, past the array's nothing: a prefetch does not
-    fault)."""
+    fault). Arrays of bfloat16 bits (uint16) hold the panel's rows in pairs, b[b_at + e * PANEL + 2 * j + t] being
+    column j's element e + t (e even, depth too), multiplied pair by pair (`_dot_pairs`); the sums are float32 and
+    are rounded into c once, so with `add` they are rounded again."""
     vec = ir.VectorType(_F32, GROUP)
 
     @intrinsic
     def kernel(typingctx, a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride, add):
         sig = types.void(a, a_at, a_stride, b, b_at, depth, c, c_at, c_stride, add)
+        pairs = b.dtype == types.uint16
 
         def codegen(context, builder, signature, args):
             ap, a_at, a_stride, bp, b_at, depth, cp, c_at, c_stride, add = _operands(context, builder, signature,
@@ -216,28 +271,39 @@ def tile(rows: int, ahead: int = 0):
             intp = cgutils.intp_t
             parts = range(0, PANEL, GROUP)
             out_rows = [builder.add(c_at, builder.mul(c_stride, intp(r))) for r in range(rows)]
-            outs = [[builder.bitcast(builder.gep(cp, [builder.add(row, intp(j))]), vec.as_pointer()) for j in parts]
-                    for row in out_rows]
+            outs = [[builder.add(row, intp(j)) for j in parts] for row in out_rows]
             sums = [[cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * GROUP)) for _ in row] for row in outs]
             # c is read only to add to: a fresh output's pages are not faulted in twice, read then written
             with builder.if_then(builder.icmp_unsigned("!=", add, intp(0))):
                 for row, totals in zip(outs, sums, strict=True):
                     for at, total in zip(row, totals, strict=True):
-                        builder.store(builder.load(at, align=4), total)
+                        builder.store(_load(builder, signature.args[6], cp, at, GROUP), total)
             starts = [builder.add(a_at, builder.mul(a_stride, intp(r))) for r in range(rows)]
-            with cgutils.for_range(builder, depth) as loop:
-                e = loop.index
+            step = 2 if pairs else 1
+            with _steps(builder, depth, step) as e:
                 panel_row = builder.add(b_at, builder.mul(e, intp(PANEL)))
-                for j in range(0, PANEL, 16) if ahead else ():  # a 64-byte cache line at a time
+                for j in range(0, step * PANEL, 16 * step) if ahead else ():  # a 64-byte cache line at a time
                     _fetch(builder, builder.gep(bp, [builder.add(panel_row, intp(ahead * PANEL + j))]), 2)
-                bs = [_load(builder, signature.args[3], bp, builder.add(panel_row, intp(j)), GROUP) for j in parts]
+                if pairs:
+                    bs = [builder.load(_ints_at(builder, bp, builder.add(panel_row, intp(2 * j)), GROUP), align=2)
+                          for j in parts]
+                else:
+                    bs = [_load(builder, signature.args[3], bp, builder.add(panel_row, intp(j)), GROUP) for j in parts]
                 for start, row in zip(starts, sums, strict=True):
-                    splat = _splat(builder, builder.load(builder.gep(ap, [builder.add(start, e)])), GROUP)
+                    at = builder.add(start, e)
+                    x = builder.load(_ints_at(builder, ap, at, 0), align=2) if pairs else builder.load(
+                        builder.gep(ap, [at]))
+                    splat = _splat(builder, x, GROUP)
                     for bv, total in zip(bs, row, strict=True):
-                        builder.store(_madd(builder, splat, bv, builder.load(total)), total)
+                        so_far = builder.load(total)
+                        sums_to = _dot_pairs(builder, splat, bv, so_far) if pairs else _madd(builder, splat, bv, so_far)
+                        builder.store(sums_to, total)
             for row, totals in zip(outs, sums, strict=True):
                 for at, total in zip(row, totals, strict=True):
-                    builder.store(builder.load(total), at, align=4)
+                    result = builder.load(total)
+                    if signature.args[6].dtype == types.uint16:
+                        result = _narrow(builder, result)
+                    builder.store(result, builder.bitcast(builder.gep(cp, [at]), result.type.as_pointer()), align=2)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from shoal.model.fused import array
 from shoal.model.simd import PANEL, tile
 
 # The first tile over a panel reads it from memory, the others from cache: it asks for the panel 16 KB ahead of
@@ -33,36 +34,41 @@ DEPTH, BLOCKED_ROWS = (128, 192) if PANEL == 64 else (0, 0)
 # How products run over the panels, in `tune`'s keys: a choice made with other tiles is made again
 VARIANT = f"panels of {PANEL}" + f", {DEPTH} deep up to {BLOCKED_ROWS} rows" * bool(DEPTH)
 _first, _six, _four, _two, _one = tile(6, AHEAD), tile(6), tile(4), tile(2), tile(1)
-_NO_BIAS = np.empty(0, np.float32)
 
 
-def supports(out: int, dtype: torch.dtype) -> bool:
-    """Whether a CPU weight [out, in] of this dtype can be laid out in panels: float32, out a multiple of PANEL."""
-    return dtype == torch.float32 and out % PANEL == 0
+def supports(out: int, inp: int, dtype: torch.dtype) -> bool:
+    """Whether a CPU weight [out, in] of this dtype can be laid out in panels: float32, or bfloat16 of even `in`
+    (its panels hold pairs of rows), out a multiple of PANEL."""
+    return out % PANEL == 0 and (dtype == torch.float32 or (dtype == torch.bfloat16 and inp % 2 == 0))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight [out, in] as panels [out / PANEL, in, PANEL]: panel p, row e holds weight[p * PANEL + j, e] for
-    j < PANEL."""
+    j < PANEL; in bfloat16, rows e and e + 1 (e even) hold weight[p * PANEL + j, e + t] at 2 * j + t."""
     out, inp = weight.shape
-    return weight.detach().reshape(out // PANEL, PANEL, inp).transpose(1, 2).contiguous()
+    pair = 2 if weight.dtype == torch.bfloat16 else 1
+    panels = weight.detach().reshape(out // PANEL, PANEL, inp // pair, pair).transpose(1, 2)
+    return panels.reshape(out // PANEL, inp, PANEL).contiguous()
 
 
 def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] times the weight whose panels these are, transposed, plus the bias if any: [rows, out]. The
-    sums start from the bias: added after the product by torch, it took a pass over the output of its own."""
+    """x [rows, in] times the weight whose panels these are, transposed, plus the bias if any: [rows, out], of the
+    panels' dtype. The sums start from the bias: added after the product by torch, it took a pass over the output of
+    its own."""
     count, depth, _ = panels.shape
-    a = x.contiguous().numpy()
-    out = np.empty((len(a), count * PANEL), np.float32)
-    block = DEPTH if DEPTH and len(a) <= BLOCKED_ROWS else max(depth, 1)
-    start = _NO_BIAS if bias is None else bias.detach().contiguous().numpy()
-    _product(a.reshape(-1), panels.numpy().reshape(-1), out.reshape(-1), len(a), depth, count * PANEL, block, start)
-    return torch.from_numpy(out)
+    a = array(x.contiguous())
+    out = np.empty((len(a), count * PANEL), a.dtype)
+    # bfloat16 sums run the whole depth: added between blocks, they would be rounded to bfloat16 at each
+    blocked = DEPTH and len(a) <= BLOCKED_ROWS and panels.dtype == torch.float32
+    block = DEPTH if blocked else max(depth, 1)
+    start = np.empty(0, a.dtype) if bias is None else array(bias.detach().contiguous())
+    _product(a.reshape(-1), array(panels).reshape(-1), out.reshape(-1), len(a), depth, count * PANEL, block, start)
+    return torch.from_numpy(out).view(panels.dtype)
 
 
-def warm() -> None:
-    """Compile (or load from numba's disk cache) the kernel now, not in a request's first tick."""
-    product(torch.zeros(7, 1), pack(torch.zeros(PANEL, 1)))
+def warm(dtype: torch.dtype = torch.float32) -> None:
+    """Compile (or load from numba's disk cache) the kernel for this dtype now, not in a request's first tick."""
+    product(torch.zeros(7, 2, dtype=dtype), pack(torch.zeros(PANEL, 2, dtype=dtype)))
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -211,7 +211,7 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             # panels are always a copy
             packs = packable(dtype) and (copies or not tied)
             rows, count = _stand_in_shape(out, inp, dtype, len(modules))
-            panels = copies and tiles.supports(out, dtype)
+            panels = copies and tiles.supports(out, inp, dtype)
             # The ways are in the key: a choice made among others (before a way was added, or with tiles of
             # another kind, say) is made again
             offered = "/".join(way.__name__ for way in ways_for(dtype, packs, panels=panels))
