@@ -32,7 +32,7 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=(
     "The model's dtype: float32, bfloat16 or float16 (default: bfloat16 on a GPU; on a CPU, a bfloat16 checkpoint "
     "stays bfloat16 where the CPU has bfloat16 instructions, AVX512-BF16 or AMX, and everything else is float32)."))]
 CopiesOpt = Annotated[bool, typer.Option("--packed-copies/--no-packed-copies", help=(
-    "On a CPU, keep packed copies of the weights (oneDNN's layout, or tiles' panels in float32) whose batched "
+    "On a CPU, keep packed copies of the weights (oneDNN's layout, or tiles' panels) whose batched "
     "products they speed up (default), while the weights "
     "and copies fit in half the free memory (a worker's --max-memory-gb turns them off); --no-packed-copies gives "
     "that memory back for slower batches."))]
