@@ -48,8 +48,7 @@ def test_the_tiled_product_of_bfloat16_sums_in_float32_and_rounds_once(blocks, r
         got = tiles.product(x, tiles.pack(weight), b)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, out) and got.is_contiguous()
         exact = x.double() @ weight.double().T + (0 if b is None else b.double())
-        # within one rounding to bfloat16 (2 ** -8 of the value) of the exact sums, where torch's own product is not
-        # always (it rounds partial sums on some CPUs)
+        # within one rounding to bfloat16 (2 ** -8 of the value) of the exact sums
         assert torch.all((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4)
 
 

@@ -256,8 +256,8 @@ def tile(rows: int, ahead: int = 0):
     a once for the panel. With `ahead`, each step also asks for the panel row `ahead` rows on to be brought into the
     second-level cache (past the panel's end that is the next panel's, past the array's nothing: a prefetch does not
     fault). Arrays of bfloat16 bits (uint16) hold the panel's rows in pairs, b[b_at + e * PANEL + 2 * j + t] being
-    column j's element e + t (e even, depth too), multiplied pair by pair (`_dot_pairs`); the sums are float32 and
-    are rounded into c once, so with `add` they are rounded again."""
+    column j's element e + t (e even, depth too), multiplied pair by pair (`_dot_pairs`); the sums are float32 (with
+    `add` starting from c's values) and are rounded into c once."""
     vec = ir.VectorType(_F32, GROUP)
 
     @intrinsic

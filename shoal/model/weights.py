@@ -11,6 +11,7 @@ from shoal.model import fused, gemv
 from shoal.model.config import ModelConfig
 from shoal.model.errors import ModelFileError, UnsupportedModelError, WeightShapeError
 from shoal.model.matmul import native_bfloat16, pack_loaded
+from shoal.model.pages import move_weights
 from shoal.model.transformer import Transformer
 from shoal.model.tune import tune
 
@@ -75,6 +76,8 @@ def load_model(path: str | Path, layers: tuple[int, int] | None = None,
             specs = sources(model, name, param.shape)
             _copy(param, [_read(stack, handles, files, path, hf) for hf, _ in specs], specs)
     pack_loaded(model)
+    if device.type == "cpu":
+        move_weights(model)
     return model.eval()
 
 
