@@ -10,12 +10,12 @@ from threadpoolctl import threadpool_info
 
 from shoal.model import load_model, tiles, tune
 from shoal.model.matmul import (
-    COPIED,
     ROW_BUCKETS,
     Linear,
     bucket,
     column_major,
     flipped,
+    in_copies,
     openblas,
     pack,
     packable,
@@ -52,15 +52,24 @@ def test_every_way_and_layout_computes_the_linear_map(shape, columns, bias):
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize(("copy", "way"), [(pack, packed_product), (tiles.pack, tiled)])
-def test_a_linear_multiplies_its_copy_in_the_buckets_that_take_it(copy, way):
-    linear = Linear(7, 2 * PANEL, bias=True)
-    linear.packed = copy(2 * linear.weight)  # a copy that tells which weight multiplied
-    linear.ways = (flipped, plain, way, plain, *(way,) * (len(ROW_BUCKETS) - 4))
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_linear_multiplies_each_copy_in_the_buckets_that_take_it(in_place):
+    linear = Linear(8, 2 * PANEL, bias=True)
+    weight = linear.weight.detach().clone()
+    # copies that tell which weight multiplied: the packed one twice the weight, the panels three times
+    linear.panels = tiles.pack(3 * weight)
+    if in_place:
+        linear.weight = torch.nn.Parameter(pack(2 * weight), requires_grad=False)
+        linear.ways = (tiled, packed_product, tiled, *(packed_product,) * (len(ROW_BUCKETS) - 3))
+        factors = ((1, 3), (2, 2), (3, 3), (4, 3), (5, 2), (600, 2))
+    else:
+        linear.packed = pack(2 * weight)
+        linear.ways = (flipped, plain, packed_product, tiled, *(packed_product,) * (len(ROW_BUCKETS) - 4))
+        factors = ((1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (9, 2), (600, 2))
     with torch.inference_mode():
-        for rows, factor in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 1), (9, 2), (40, 2), (600, 2)):
-            x = torch.randn(rows, 7)
-            torch.testing.assert_close(linear(x), F.linear(x, factor * linear.weight, linear.bias))
+        for rows, factor in factors:
+            x = torch.randn(rows, 8)
+            torch.testing.assert_close(linear(x), F.linear(x, factor * weight, linear.bias))
 
 
 def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
@@ -70,9 +79,9 @@ def test_load_model_tunes_every_linear_and_keeps_the_head_tied(hf_models):
     assert linears and all(len(m.ways) in (0, len(ROW_BUCKETS)) for m in linears)
     assert model.lm_head.weight is model.embed_tokens.weight and not model.lm_head.weight.is_mkldnn  # tied: a copy
     for m in linears:
-        packs = packed_product in m.ways
-        assert m.weight.is_mkldnn == (packs and all(way is packed_product for way in m.ways) and m.packed is None)
-        assert (m.packed is not None) == (any(way in COPIED for way in m.ways) and not m.weight.is_mkldnn)
+        assert m.weight.is_mkldnn == (in_copies(m.ways) and m is not model.lm_head)
+        assert (m.packed is not None) == (packed_product in m.ways and not m.weight.is_mkldnn)
+        assert (m.panels is not None) == (tiled in m.ways)
         assert m.weight.is_mkldnn or m.weight.is_contiguous() or m.weight.stride() == (1, m.weight.shape[0])
 
 
@@ -94,6 +103,7 @@ def test_packed_weights_give_the_logits_of_plain_ones(hf_models, dtype):
     plain_logits = logits()
     for m in linears:
         m.weight = torch.nn.Parameter(pack(m.weight), requires_grad=False)
+        m.ways = (packed_product,) * len(ROW_BUCKETS)  # as `tune` chooses where it packs a weight in place
     tolerance = 1e-4 if dtype == "float32" else 0.1
     torch.testing.assert_close(logits(), plain_logits, atol=tolerance, rtol=0)
 

@@ -4,7 +4,7 @@ from test_model_parity import forward_batch, prompts, tables
 
 import shoal.model.matmul as matmul
 from shoal.model import load_model, tiles, tune
-from shoal.model.matmul import ROW_BUCKETS, Linear, column_major, flipped, packed_product, plain, tiled
+from shoal.model.matmul import ROW_BUCKETS, Linear, column_major, packed_product, plain, tiled
 from shoal.model.simd import PANEL
 
 
@@ -74,33 +74,40 @@ def test_the_tiled_product_is_timed_on_its_copies_in_turn_with_the_ways(monkeypa
     assert way is tiled and times[tiled] == 0.5
 
 
-def test_a_weight_keeps_one_kind_of_copy_the_one_that_saves_more():
-    def times(packed: float, tile: float) -> dict:
-        return {plain: 1.0, flipped: 1.0, packed_product: packed, tiled: tile}
+def test_a_weight_keeps_both_kinds_of_copy_while_memory_holds_them():
+    ways = (tiled, packed_product, packed_product, plain)
+    assert tune._afforded(ways, 100, tied=False, spare=200) == (ways, 200)
+    # one copy's room: the kind more buckets take, the other's buckets multiply plainly
+    assert tune._afforded(ways, 100, tied=False, spare=150) == ((plain, packed_product, packed_product, plain), 100)
+    assert tune._afforded(ways, 100, tied=False, spare=50) == ((plain,) * 4, 0)
+    # where every bucket multiplies a copy, the weight itself is packed in place: only the panels take room
+    copied = (tiled, tiled, packed_product)
+    assert tune._afforded(copied, 100, tied=False, spare=100) == (copied, 100)
+    assert tune._afforded(copied, 100, tied=True, spare=100) == ((tiled, tiled, plain), 100)  # a shared weight stays
+    assert tune._afforded((packed_product,) * 3, 100, tied=False, spare=-10) == ((packed_product,) * 3, 0)
 
-    # packed wins two buckets, saving 0.15 in each, tiled one, saving 0.8: tiled is kept, and the buckets that took
-    # packed take their next best
-    timings = [times(0.85, 0.95), times(0.85, 0.88), times(0.7, 0.2), times(1.0, 1.0)]
-    assert tune._one_copy(timings) == [plain, tiled, tiled, plain]
-    timings = [times(0.2, 0.9), times(0.5, 0.4), times(2.0, 2.0)]
-    assert tune._one_copy(timings) == [packed_product, packed_product, plain]
-    assert tune._one_copy([times(0.5, 0.6), times(0.95, 0.95)]) == [packed_product, plain]  # not clearly faster
 
-
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(("dtype", "atol"), [("float32", 1e-4), ("bfloat16", 0.05)])
 def test_a_model_multiplying_in_panels_gives_the_logits_of_plain_products(monkeypatch, tmp_path, hf_models, dtype,
-                                                                          atol):
+                                                                          atol, packed):
+    if packed and not matmul.packable(getattr(torch, dtype)):
+        pytest.skip(f"oneDNN packs no {dtype} weights on this CPU")
     _, path = hf_models("qwen2")
     reference = load_model(path, device="cpu", dtype=dtype)
-    everywhere = (tiled,) * len(ROW_BUCKETS)
+    # with `packed`, one row multiplies the panels and more rows oneDNN's packed weight, as on an AMX Xeon
+    chosen = (tiled, *(packed_product if packed else tiled,) * (len(ROW_BUCKETS) - 1))
     monkeypatch.setattr(tune, "_choose", lambda out, inp, dtype, count, packs, timed, evict, panels:
-                        ("row", everywhere if panels else ()))
+                        ("row", chosen if panels and (packs or not packed) else ()))
     monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))  # not the reference's choices: this load chooses
     model = load_model(path, device="cpu", dtype=dtype)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    paneled = [m for m in linears if m.ways == everywhere]
-    assert paneled and all(m.packed.shape == (m.out_features // PANEL, m.in_features, PANEL) for m in paneled)
-    assert all(m.packed is None and m.ways == () for m in linears if m not in paneled)
+    paneled = [m for m in linears if m.ways == chosen]
+    assert paneled and all(m.panels.shape == (m.out_features // PANEL, m.in_features, PANEL) for m in paneled)
+    assert all(m.panels is None and m.ways == () for m in linears if m not in paneled)
+    # the weight itself is packed, but for the head, which the embedding shares: it keeps a packed copy
+    assert all(m.weight.is_mkldnn == (packed and m is not model.lm_head) for m in paneled)
+    assert all((m.packed is not None) == (packed and m is model.lm_head) for m in paneled)
     assert model.lm_head.weight is model.embed_tokens.weight
     lengths = [9, 1, 2]
     seqs, bt = prompts(model.config.vocab_size, lengths), tables(lengths)

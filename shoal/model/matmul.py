@@ -129,23 +129,23 @@ def bucket(rows: int) -> int:
 class Linear(nn.Linear):
     """nn.Linear that multiplies the way `tune` found fastest for the row count: `ways` per row bucket (empty:
     always plain). `packed_product` multiplies a weight that `pack_loaded` packed: the weight itself where every
-    bucket takes it and no other module shares it, else a copy beside it (`packed`); `tiled` multiplies such a copy
-    in panels."""
+    bucket multiplies a copy and no other module shares it, else a copy beside it (`packed`); `tiled` multiplies a
+    copy in panels (`panels`)."""
 
     ways: tuple[Way, ...] = ()
     packed: torch.Tensor | None = None
+    panels: torch.Tensor | None = None
     # The most rows `tune` times: more take that bucket's way. An LM head multiplies one row per sampled sequence,
     # at most n_seq_max, never a prefill tick's 512: timing it there took about 11 of the 30 s of a 0.5B model's head
     timed_rows: int = ROW_BUCKETS[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            return packed_product(x, self.weight, self.bias)
-        return product(x, self.weight, self.bias, self.ways, self.packed)
+        packed = self.weight if self.weight.is_mkldnn else self.packed
+        return product(x, self.weight, self.bias, self.ways, packed, self.panels)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ways: tuple[Way, ...],
-            packed: torch.Tensor | None = None) -> torch.Tensor:
+            packed: torch.Tensor | None = None, panels: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if ways else 0
     way = ways[bucket(rows)] if ways else plain
     if way is plain:
@@ -153,7 +153,7 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wa
     if way is packed_product:
         return packed_product(x, packed, bias)
     if way is tiled:
-        out = tiled(x.reshape(rows, -1), packed, bias)
+        out = tiled(x.reshape(rows, -1), panels, bias)
     else:
         out = way(x.reshape(rows, -1), weight)
         out = out if bias is None else out + bias
@@ -166,26 +166,28 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def pack_loaded(model: nn.Module) -> None:
-    """Pack the loaded weights `tune` chose to pack: in place where a packed weight serves every row count and
-    no other module shares it, else as a copy beside the weight; lay out in panels those `tiled` multiplies."""
+    """Make the copies `tune` chose: lay out in panels the weights `tiled` multiplies, pack those `packed_product`
+    multiplies (in place where every row count multiplies a copy and no other module shares the weight, else as a
+    copy beside it)."""
     held = shared_ids(model)
-    linears = [m for m in model.modules() if isinstance(m, Linear) and not m.weight.is_mkldnn and m.packed is None]
+    linears = [m for m in model.modules() if isinstance(m, Linear) and not m.weight.is_mkldnn]
     for dtype in {m.weight.dtype for m in linears if tiled in m.ways}:
         tiles.warm(dtype)
     for m in linears:
-        if tiled in m.ways:
-            m.packed = tiles.pack(m.weight)
-        elif packed_product not in m.ways:
+        if tiled in m.ways and m.panels is None:
+            m.panels = tiles.pack(m.weight)
+        if packed_product not in m.ways or m.packed is not None:
             continue
-        elif packed_only(m.ways) and id(m.weight) not in held:
+        if in_copies(m.ways) and id(m.weight) not in held:
             m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
         else:
             m.packed = pack(m.weight)
 
 
-def packed_only(ways: tuple[Way, ...]) -> bool:
-    """Whether every row bucket multiplies the packed weight: it can be packed in place, with no copy beside it."""
-    return bool(ways) and all(way is packed_product for way in ways)
+def in_copies(ways: tuple[Way, ...]) -> bool:
+    """Whether every row bucket multiplies a copy, the packed weight among them: the weight itself can be packed in
+    place, with no plain copy beside it."""
+    return packed_product in ways and all(way in COPIED for way in ways)
 
 
 def shared_ids(model: nn.Module) -> set[int]:

@@ -36,11 +36,11 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
 
 
 def move_weights(model: nn.Module) -> None:
-    """Every product's weight (the module's own, and its packed or paneled copy) on 2 MB pages, in place; oneDNN's
-    opaque packed tensors stay where they are."""
+    """Every product's weight (the module's own, and its copy in panels) on 2 MB pages, in place; oneDNN's opaque
+    packed tensors stay where they are."""
     for m in model.modules():
         if isinstance(m, Linear):
             if not m.weight.is_mkldnn:
                 m.weight.data = on_huge_pages(m.weight.data)
-            if m.packed is not None and not m.packed.is_mkldnn:
-                m.packed = on_huge_pages(m.packed)
+            if m.panels is not None:
+                m.panels = on_huge_pages(m.panels)

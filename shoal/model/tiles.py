@@ -14,7 +14,8 @@ packed product, the best there: 64 rows of the LM head 1.1-1.2x, of qkv 1.05-1.1
 bfloat16 panels hold the weight's rows in pairs, multiplied by AVX512-BF16's dot product of pairs (vdpbf16ps: two
 products summed into a float32 lane) with float32 sums, rounded once. On a Zen 4 EPYC, weights cycled from memory,
 against oneDNN's packed product: 1 row 1.3-1.6x, 8-32 rows 1.07-1.6x, 64 rows 1.08-1.21x, 512 rows 1.0-1.14x; the
-engine's bfloat16 throughput rose 5-9% (4 pairs alternated in one process).
+engine's bfloat16 throughput rose 5-9% (4 pairs alternated in one process). On an AMX Xeon one row 1.15-1.25x (where
+oneDNN's AMX product is the fastest for more rows).
 """
 
 import numpy as np

@@ -3,9 +3,10 @@
 `tune` times every way on stand-ins of the model's weight shapes, per row bucket, and keeps whichever is clearly
 faster than the plain product. Where oneDNN's packed product wins some buckets only (float32 on an AMD EPYC: 1.4-1.6x
 at 64 rows, 1.1x at 512, but up to 1.4x slower for one row), a packed copy serves those buckets and the weight as
-it was the others, if memory allows; so does a copy in panels for the tiled product. A weight keeps at most one
-copy, of the kind that saves the most time over the buckets. The choices are kept on disk per machine (`tunings`):
-a model loads again without timing.
+it was the others, if memory allows; so does a copy in panels for the tiled product. A weight may keep both: on
+an AMX Xeon, bfloat16 panels multiplied one row 1.2-1.3x faster than any other way, and oneDNN's AMX product 2-512
+rows fastest. Where memory does not hold both, the kind more buckets take is kept. The choices are kept on disk per
+machine (`tunings`): a model loads again without timing.
 """
 
 import functools
@@ -25,9 +26,9 @@ from shoal.model.matmul import (
     Linear,
     Way,
     column_major,
+    in_copies,
     pack,
     packable,
-    packed_only,
     packed_product,
     plain,
     shared_ids,
@@ -128,17 +129,17 @@ def _best(times: dict[Way, float], barred: frozenset[Way] = frozenset()) -> Way:
     return best if times[best] < CLEARLY * times[plain] else plain
 
 
-def _one_copy(timings: list[dict[Way, float]]) -> list[Way]:
-    """Each bucket's way, given its timing, with at most one kind of copy among them (a weight keeps one copy beside
-    it): where the buckets' quickest ways multiply both, the kind that saves more time over those buckets."""
-    ways = [_best(times) for times in timings]
-    kinds = {way for way in ways if way in COPIED}
-    if len(kinds) < 2:
-        return ways
-    saved = {kind: sum(_unpacked(times) - times[kind] for times, way in zip(timings, ways, strict=True) if way is kind)
-             for kind in kinds}
-    kept = max(saved, key=saved.__getitem__)
-    return [_best(times, frozenset(kinds - {kept})) for times in timings]
+def _afforded(ways: tuple[Way, ...], nbytes: int, tied: bool, spare: float) -> tuple[tuple[Way, ...], int]:
+    """The ways, and the bytes of the copies they need, within `spare` bytes: with both kinds of copy if they fit,
+    else with the kind more buckets take (the other's buckets multiply plainly), else with none."""
+    kinds = sorted({way for way in ways if way in COPIED}, key=ways.count, reverse=True)
+    for kept in (kinds, kinds[:1]):
+        trial = tuple(way if way not in COPIED or way in kept else plain for way in ways)
+        # the weight itself is packed in place where every bucket multiplies a copy
+        extra = nbytes * (len({way for way in trial if way in COPIED}) - (in_copies(trial) and not tied))
+        if extra <= max(spare, 0):  # no copy beside the weight takes nothing
+            return trial, extra
+    return tuple(plain if way in COPIED else way for way in ways), 0
 
 
 def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool, timed_rows: int = ROW_BUCKETS[-1],
@@ -158,7 +159,7 @@ def _choose(rows: int, inp: int, dtype: torch.dtype, count: int, packs: bool, ti
     columns = _unpacked(by_col) < _unpacked(by_row)
     layout, weights, single = ("column", cols_major, by_col) if columns else ("row", rows_major, by_row)
     timings = [single] + [_fastest(weights, n, copies, evict)[0] for n in ROW_BUCKETS[1:] if n <= timed_rows]
-    ways = _one_copy(timings)
+    ways = [_best(times) for times in timings]
     return layout, tuple(ways + ways[-1:] * (len(ROW_BUCKETS) - len(ways)))
 
 
@@ -215,7 +216,7 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
             # The ways are in the key: a choice made among others (before a way was added, or with tiles of
             # another kind, say) is made again
             offered = "/".join(way.__name__ for way in ways_for(dtype, packs, panels=panels))
-            offered += f" ({tiles.VARIANT})" * panels
+            offered += f" ({tiles.VARIANT})" * panels + ", both copies kept" * (packs and panels)
             key = (f"{rows}x{inp} {str(dtype).removeprefix('torch.')} by {offered}, timed on {count} at {timed_rows}"
                    f" rows or fewer{', from memory' * (evict is not None)}")
             choice = _recall(known.get(key), dtype, packs, panels)
@@ -225,17 +226,15 @@ def tune(model: nn.Module, copies: bool = True) -> dict[tuple[int, int], str]:
                 choice = _choose(rows, inp, dtype, count, packs, timed_rows, evict, panels)
                 known[key] = {"layout": choice[0], "ways": [way.__name__ for way in choice[1]]}
             layout, ways = choice
-            replaced = packed_only(ways) and not tied
-            copied = any(way in COPIED for way in ways)
-            extra = 0 if replaced or not copied else sum(m.weight.nbytes for m in modules)
-            if extra > spare:
-                ways, extra = tuple(plain if way in COPIED else way for way in ways), 0
+            ways, extra = _afforded(ways, sum(m.weight.nbytes for m in modules), tied, spare)
             spare -= extra
+            replaced = in_copies(ways) and not tied
             for m in modules:
                 if layout == "column" and not replaced and m.weight.is_contiguous():  # not column-major already
                     m.weight.data = torch.empty(inp, out, dtype=dtype).t()
                 m.ways = ways if any(way is not plain for way in ways) else ()  # () skips the bucket lookup
             names = ", ".join(f"{n}: {w.__name__}" for n, w in zip(ROW_BUCKETS, ways, strict=True)) if ways else "plain"
-            copy = f"; a copy for {'tiled' if tiled in ways else 'packed_product'}" if extra else ""
-            chosen[(out, inp)] = "packed by oneDNN" if replaced else f"{layout}-major; {names}{copy}"
+            kept = " and ".join(w.__name__ for w in COPIED if w in ways and not (replaced and w is packed_product))
+            where = "packed in place" if replaced else f"{layout}-major"
+            chosen[(out, inp)] = f"{where}; {names}" + f"; a copy for {kept}" * bool(kept)
     return chosen
