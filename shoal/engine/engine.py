@@ -26,7 +26,7 @@ from shoal.engine.saves import Saver
 from shoal.engine.scheduler import Scheduler
 from shoal.engine.sequence import Sequence, State, at_length, ends_on
 from shoal.engine.stream import TextStream, marker_ids
-from shoal.model import Transformer, load_model
+from shoal.model import Transformer, load_model, openmp
 from shoal.model.kv import BLOCK_SIZE
 from shoal.model.tokenizer import Tokenizer
 
@@ -154,7 +154,10 @@ class Engine:
 
     def add(self, outlet: Outlet, ids: list[int], params: SamplingParams, priority: int = 0,
             session_id: str | None = None, parent_key: str | None = None) -> None:
-        """Queue an admitted request (see Bounds.admit) whose events go to `outlet`; callable from any thread."""
+        """Queue an admitted request (see Bounds.admit) whose events go to `outlet`; callable from any thread, whose
+        OpenMP workers, if it has any, end (see model/openmp.py)."""
+        if threading.current_thread() is not self._thread:
+            openmp.release()
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(outlet.id, list(ids), params, torch.Generator().manual_seed(seed), priority, session_id,
                        arrival=next(self._arrivals), parent_key=parent_key)
