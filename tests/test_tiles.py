@@ -80,6 +80,8 @@ def test_a_weight_keeps_both_kinds_of_copy_while_memory_holds_them():
     # one copy's room: the kind more buckets take, the other's buckets multiply plainly
     assert tune._afforded(ways, 100, tied=False, spare=150) == ((plain, packed_product, packed_product, plain), 100)
     assert tune._afforded(ways, 100, tied=False, spare=50) == ((plain,) * 4, 0)
+    even = (tiled, packed_product, plain)  # as many buckets each: the first of COPIED, in every process alike
+    assert tune._afforded(even, 100, tied=False, spare=150) == ((plain, packed_product, plain), 100)
     # where every bucket multiplies a copy, the weight itself is packed in place: only the panels take room
     copied = (tiled, tiled, packed_product)
     assert tune._afforded(copied, 100, tied=False, spare=100) == (copied, 100)

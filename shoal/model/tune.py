@@ -132,7 +132,7 @@ def _best(times: dict[Way, float], barred: frozenset[Way] = frozenset()) -> Way:
 def _afforded(ways: tuple[Way, ...], nbytes: int, tied: bool, spare: float) -> tuple[tuple[Way, ...], int]:
     """The ways, and the bytes of the copies they need, within `spare` bytes: with both kinds of copy if they fit,
     else with the kind more buckets take (the other's buckets multiply plainly), else with none."""
-    kinds = sorted({way for way in ways if way in COPIED}, key=ways.count, reverse=True)
+    kinds = sorted((way for way in COPIED if way in ways), key=ways.count, reverse=True)  # ties: COPIED's order
     for kept in (kinds, kinds[:1]):
         trial = tuple(way if way not in COPIED or way in kept else plain for way in ways)
         # the weight itself is packed in place where every bucket multiplies a copy
