@@ -255,6 +255,7 @@ def worker(
     import socket
 
     import httpx
+    import torch
 
     from shoal import logs
     from shoal.engine.process import EngineProcess
@@ -264,8 +265,10 @@ def worker(
     from shoal.worker.remote import run_worker
 
     logs.configure()
-    if threads is not None:
-        set_threads(threads)
+    # torch's count honours OMP_NUM_THREADS; numba's pool would take every core, and its workers spin between ops
+    # (shoal/__init__.py): two workers sharing 2 cores each so ran 16-33% fewer tokens/s
+    threads = threads or torch.get_num_threads()
+    set_threads(threads)
     config = EngineConfig(kv_cache_mb=kv_cache_mb, n_seq_max=n_seq_max, kv_disk_dir=kv_disk_dir and str(kv_disk_dir),
                           kv_disk_gb=kv_disk_gb, dtype=dtype,
                           packed_copies=packed_copies and max_memory_gb is None)  # its budget counts weights once

@@ -178,6 +178,14 @@ def test_set_threads_sets_numpy_blas_threads_with_torchs():
         set_threads(before)
 
 
+def test_set_threads_holds_as_numba_starts_its_threads():
+    # a fresh process, where numba has not started its threads: starting them set torch's count to every core
+    code = ("import shoal, numba, torch; from shoal.model.matmul import set_threads; set_threads(1); "
+            "print(torch.get_num_threads(), numba.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
+
+
 @pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_importing_shoal_makes_torchs_threads_wait_passively_unless_told(given, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

@@ -58,3 +58,22 @@ def test_a_thread_that_queues_a_request_releases_its_workers(monkeypatch):
     finally:
         engine.close()
     assert calls == [threading.current_thread()]
+
+
+def test_the_engines_thread_runs_numba_on_the_processs_threads():
+    import numba
+
+    from shoal.model.matmul import set_threads
+
+    before = torch.get_num_threads()
+    set_threads(1)  # a new thread's numba count would be every core
+    engine = Engine.from_dir(DEMO_PATH)
+    try:
+        seen = threading.Event()
+        counts = []
+        engine._commands.put(lambda: counts.append(numba.get_num_threads()) or seen.set())
+        assert seen.wait(10)
+    finally:
+        engine.close()
+        set_threads(before)
+    assert counts == [1]

@@ -115,10 +115,10 @@ def ways_for(dtype: torch.dtype, packs: bool = False, rows: int = 1, panels: boo
 
 def set_threads(n: int) -> None:
     """Run torch's math, numpy's BLAS and the paged attention on `n` threads each (they take turns, never run at
-    once)."""
+    once). numba's first: starting its threads sets the OpenMP runtime it shares with torch to every core."""
+    paged.set_threads(n)
     torch.set_num_threads(n)
     ThreadpoolController().limit(limits=n, user_api="blas")
-    paged.set_threads(n)
 
 
 def bucket(rows: int) -> int:
