@@ -28,7 +28,7 @@ from shoal.engine.sequence import Sequence, State, at_length, ends_on
 from shoal.engine.stream import TextStream, marker_ids
 from shoal.model import Transformer, load_model, openmp
 from shoal.model.kv import BLOCK_SIZE
-from shoal.model.matmul import set_threads
+from shoal.model.matmul import take_threads
 from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger("shoal.engine")
@@ -188,8 +188,7 @@ class Engine:
     # model thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        # numba's thread count is each thread's own, and a new thread's is every core: this one takes the process's
-        set_threads(torch.get_num_threads())
+        take_threads()
         while True:
             self._drain(block=False)
             if self._stopped:

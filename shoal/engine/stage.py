@@ -30,7 +30,7 @@ from shoal.engine.sequence import Sequence, at_length, ends_on
 from shoal.engine.stream import TextStream, marker_ids
 from shoal.model import Transformer, load_model
 from shoal.model.kv import BLOCK_SIZE, AttentionBatch
-from shoal.model.matmul import set_threads
+from shoal.model.matmul import take_threads
 from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger("shoal.engine")
@@ -181,8 +181,7 @@ class StageEngine:
     # model thread (or the loop's, for decode steps while it idles) ------------------------------------
 
     def _loop(self) -> None:
-        # numba's thread count is each thread's own, and a new thread's is every core: this one takes the process's
-        set_threads(torch.get_num_threads())
+        take_threads()
         while True:
             work = [self._inbox.get()]
             while work[-1] is not None:

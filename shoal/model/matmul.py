@@ -121,6 +121,12 @@ def set_threads(n: int) -> None:
     ThreadpoolController().limit(limits=n, user_api="blas")
 
 
+def take_threads() -> None:
+    """Give the calling thread the process's math threads (torch's count): numba's count is each thread's own, and a
+    new thread's is every core."""
+    set_threads(torch.get_num_threads())
+
+
 def bucket(rows: int) -> int:
     """Index of the smallest bucket holding `rows` (the last one for more)."""
     return min(len(ROW_BUCKETS) - 1, bisect.bisect_left(ROW_BUCKETS, rows))
